@@ -1,0 +1,109 @@
+"""The ``recloop`` command line.
+
+Commands of the spine live here; each room adds its own from ``<room>/commands.py``
+through a ``register(app)`` function (imported lazily so ``recloop --help`` stays
+fast and a room that is not built yet simply adds nothing).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import typer
+
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
+
+app = typer.Typer(help="recloop: a self-retraining BERT recommender (Prefect, GX, Evidently, Lightning, MLflow).",
+                  no_args_is_help=True, add_completion=False)
+
+ROOM_COMMANDS = ("data_checks.commands", "models.commands", "monitoring.commands", "flows.commands",
+                 "serving.commands", "recloop.replay_commands")
+
+
+@app.command()
+def generate(
+    workspace: Path = WorkspaceOpt,
+    seed: int = typer.Option(7, help="Random seed"),
+    users: int = typer.Option(500, help="Number of users"),
+    items: int = typer.Option(320, help="Number of catalog items (before the drift launch)"),
+    days: int = typer.Option(28, help="Number of daily batches"),
+    drift_day: int = typer.Option(18, help="Day the drift starts (-1: no drift)"),
+    bad_batch_day: int = typer.Option(3, help="Day whose batch is corrupted (-1: none)"),
+    fmt: str = typer.Option("parquet", "--format", help="Batch file format: parquet, csv or jsonl"),
+    as_json: bool = JsonOpt,
+):
+    """Generate the synthetic world: catalog and users into the store, daily batches into landing/."""
+    from recloop.datasets import land_synthetic
+    from recloop.datasets.synthetic import SyntheticConfig
+
+    cfg = SyntheticConfig(seed=seed, n_users=users, n_items=items, n_days=days,
+                          drift_day=None if drift_day < 0 else drift_day,
+                          bad_batch_day=None if bad_batch_day < 0 else bad_batch_day)
+    s = settings_for(workspace)
+    out = land_synthetic(s, cfg, fmt)
+    out.pop("data")
+    out["landing"] = str(s.landing_dir)
+    out.pop("files")
+    emit(out, as_json, lambda d: table("generated", ["what", "value"], [[k, v] for k, v in d.items()]))
+
+
+@app.command("import-movielens")
+def import_movielens(
+    path: Path = typer.Argument(..., help="Folder with u.data, u.item, u.user (MovieLens-100k format)"),
+    workspace: Path = WorkspaceOpt,
+    period_days: int = typer.Option(7, help="Days per landing batch"),
+    as_json: bool = JsonOpt,
+):
+    """Load a MovieLens-100k folder: catalog and users into the store, batches into landing/."""
+    from recloop.datasets import land_movielens
+
+    s = settings_for(workspace)
+    try:
+        out = land_movielens(s, path, period_days)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    out.pop("files")
+    emit(out, as_json, lambda d: table("imported", ["what", "value"], [[k, v] for k, v in d.items()]))
+
+
+@app.command()
+def status(workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt):
+    """What is in the workspace: batches landed / ingested / quarantined, events, model versions."""
+    from recloop.status import workspace_status
+
+    doc = workspace_status(settings_for(workspace))
+    emit(doc, as_json, _render_status)
+
+
+def _render_status(doc: dict) -> None:
+    rows = [[k, v] for k, v in doc.items() if not isinstance(v, (list, dict))]
+    table(f"recloop workspace {doc['workspace']}", ["what", "value"], rows)
+    if doc.get("models"):
+        table("model versions", ["version", "aliases", "status"],
+              [[m["version"], ",".join(m["aliases"]), m.get("status")] for m in doc["models"]])
+
+
+@app.command()
+def demo(workspace: Path = WorkspaceOpt, fresh: bool = typer.Option(True, help="Start from an empty workspace")):
+    """Run the whole loop on the embedded default (synthetic data, SQLite MLflow, ephemeral Prefect)."""
+    from recloop.demo import run_demo
+
+    run_demo(settings_for(workspace), fresh=fresh)
+
+
+def _register_rooms() -> None:
+    for name in ROOM_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that room has no commands yet
+                continue
+            raise
+        module.register(app)
+
+
+_register_rooms()
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

