@@ -17,7 +17,7 @@ from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, 
 app = typer.Typer(help="recloop: a self-retraining BERT recommender (Prefect, GX, Evidently, Lightning, MLflow).",
                   no_args_is_help=True, add_completion=False)
 
-ROOM_COMMANDS = ("data_checks.commands", "models.commands", "monitoring.commands", "flows.commands",
+ROOM_COMMANDS = ("data_checks.commands", "models.commands", "models.registry_commands", "monitoring.commands", "flows.commands",
                  "serving.commands", "recloop.replay_commands")
 
 
