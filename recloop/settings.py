@@ -84,6 +84,8 @@ class MonitorSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
+    """The serving room (see serving/ and docs/readme/serving.md)."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None  # bearer token for /feedback and admin routes
@@ -93,6 +95,14 @@ class ServingSettings(BaseModel):
     poll_seconds: float = 10.0
     max_body_bytes: int = 1_000_000
     feedback_rate_per_minute: int = 600
+    rescore: int = 50  # how many of the retrieved candidates the full model re-scores
+    max_k: int = 100
+    max_batch_events: int = 1_000  # events per POST /feedback
+    store_refresh_seconds: float = 5.0  # how often the cached history/stats/catalog are checked for changes
+    exploration_max_shown: int | None = None  # "rarely shown" = shown at most this often (None: bottom 10 %)
+    impression_flush_seconds: float = 1.0
+    item_vector_cache: bool = True  # cache item vectors per model version under state/serving/
+    seed: int | None = None  # exploration RNG seed (None: random)
 
 
 def _toml_path(workspace: Path) -> Path | None:
