@@ -55,6 +55,16 @@ class TrainingSettings(BaseModel):
     use_group_features: bool = False  # group attributes are for fairness evaluation only
 
 
+class RetrainSettings(BaseModel):
+    """How a retrain cuts its data (see models/pipeline.py)."""
+
+    eval_days: float = 3.0  # the newest days of the window are held out: candidate and champion are judged there
+    min_eval_fraction: float = 0.1  # if the window is short, at least this share (by time) is held out
+    max_eval_fraction: float = 0.3
+    window_days: float | None = None  # train on the newest N days only (None: everything stored)
+    min_train_events: int = 500
+
+
 class GateSettings(BaseModel):
     """Promotion gates (see models/gates.py)."""
 
@@ -145,9 +155,12 @@ class Settings(BaseSettings):
     prefect_port: int = 4200
     mlflow_port: int = 5000
     batch_period_days: int = 1
+    ingest_cron: str = "*/10 * * * *"  # the ingest deployment's schedule
+    monitor_cron: str = "0 * * * *"  # the monitor deployment's schedule
 
     checks: CheckSettings = Field(default_factory=CheckSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     gates: GateSettings = Field(default_factory=GateSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)

@@ -1,0 +1,82 @@
+"""CLI commands of the flows room: up, down, retrain, loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, settings_for, table
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(up)
+    app.command()(down)
+    app.command()(retrain)
+    app.command()(loop)
+
+
+def up(workspace: Path = WorkspaceOpt,
+       background: bool = typer.Option(False, "--background", help="Start and return; stop with `recloop down`"),
+       mlflow: bool = typer.Option(True, help="Start the MLflow UI server"),
+       serve: bool = typer.Option(True, help="Start the serving API")):
+    """Start Prefect server + deployments, MLflow server and the serving API on loopback."""
+    import time
+
+    from flows.stack import Stack
+
+    s = settings_for(workspace)
+    stack = Stack(s, with_mlflow=mlflow, with_serving=serve).start()
+    table("recloop is up", ["service", "url"], [[k, v] for k, v in stack.urls().items()])
+    print(f"logs: {stack.log_dir}")
+    if background:
+        print("stop with: recloop down" + (f" -w {workspace}" if workspace else ""))
+        return
+    print("Ctrl-C stops everything.")
+    try:
+        while all(svc.proc.poll() is None for svc in stack.services if svc.proc):
+            time.sleep(1)
+        print("a service exited; stopping the stack")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+def down(workspace: Path = WorkspaceOpt):
+    """Stop a stack started with `recloop up --background`."""
+    from flows.stack import stop_background
+
+    stopped = stop_background(settings_for(workspace))
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+def retrain(workspace: Path = WorkspaceOpt, reason: str = typer.Option("manual", help="Why (logged as lineage)"),
+            as_json: bool = JsonOpt):
+    """Run the retrain flow now (train, judge against the champion, promote or reject)."""
+    from flows.retrain import retrain_flow
+
+    s = settings_for(workspace)
+    out = retrain_flow(reason=reason, workspace=str(s.root))
+    emit(out, as_json, _render_retrain)
+
+
+def loop(workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt):
+    """One turn by hand: ingest, monitor, retrain if drift."""
+    from flows.loop import loop_flow
+
+    s = settings_for(workspace)
+    out = loop_flow(workspace=str(s.root))
+    emit(out, as_json)
+
+
+def _render_retrain(out: dict) -> None:
+    rules = out.get("decision", {}).get("rules", [])
+    table(f"version {out['version']}: {'promoted' if out['promoted'] else 'rejected'} (reason: {out['reason']})",
+          ["rule", "candidate", "champion", "threshold", "verdict"],
+          [[r.get("name"), _fmt(r.get("value")), _fmt(r.get("champion")), _fmt(r.get("threshold")),
+            "pass" if r.get("passed") else "FAIL"] for r in rules])
+
+
+def _fmt(v):
+    return f"{v:.4f}" if isinstance(v, float) else v

@@ -1,0 +1,146 @@
+"""The retrain flow: each task calls one step of models/pipeline.py.
+
+Runs one at a time (Prefect global concurrency limit ``recloop-retrain``); a failure in
+any task turns the run red with the reason and leaves the champion untouched, because
+promotion is the last step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+
+from flows.events import MODEL_PROMOTED, MODEL_REJECTED, emit
+from models import pipeline
+from recloop.settings import load_settings
+from recloop.store import atomic_write_json
+
+RETRAIN_LIMIT = "recloop-retrain"
+
+prepare = task(pipeline.prepare_retrain_data, name="snapshot-and-split", retries=2, retry_delay_seconds=[2, 10],
+               cache_policy=NO_CACHE)
+champion = task(pipeline.load_champion_for_eval, name="load-champion", retries=2, retry_delay_seconds=[2, 10],
+                cache_policy=NO_CACHE)
+train = task(pipeline.train_candidate, name="train-candidate", cache_policy=NO_CACHE)
+evaluate = task(pipeline.evaluate_model, name="evaluate", cache_policy=NO_CACHE)
+baseline = task(pipeline.baseline_auc, name="popularity-baseline", cache_policy=NO_CACHE)
+
+
+@task(name="decide", cache_policy=NO_CACHE)
+def decide(candidate_eval, champion_eval, settings, base_auc):
+    from models.gates import decide_promotion
+
+    return decide_promotion(candidate_eval, champion_eval, settings, baseline_auc=base_auc)
+
+
+@task(name="log-and-register", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def register(settings, **kwargs):
+    from models.registry import log_and_register
+
+    return log_and_register(settings, **kwargs)
+
+
+@task(name="promote-or-reject", cache_policy=NO_CACHE)
+def promote_or_reject(settings, version, decision, expected_champion):
+    from models.registry import promote, reject
+
+    if decision.promote:
+        promote(settings, version, decision, expected_champion=expected_champion)
+    else:
+        reject(settings, version, decision)
+    return pipeline.load_champion_version(settings)
+
+
+def ensure_retrain_limit() -> None:
+    """Create the global concurrency limit (1 slot) if it does not exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAIN_LIMIT, limit=1))
+        except ObjectAlreadyExists:
+            pass
+
+
+def _storm(settings, what: str, **kw) -> None:
+    """Tell monitoring's storm control that a retrain started / finished (if that room offers it)."""
+    try:
+        from monitoring import storm
+    except ImportError:  # pragma: no cover - monitoring not installed
+        return
+    fn = getattr(storm, f"mark_retrain_{what}", None)
+    if fn is not None:
+        fn(settings, **kw)
+
+
+@flow(name="retrain", log_prints=True,
+      description="Snapshot the store, train a candidate, judge it against the champion on the same events, "
+                  "register it in MLflow and promote it only if every gate passes.")
+def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_report: str | None = None) -> dict:
+    settings = load_settings(workspace)
+    logger = get_run_logger()
+    ensure_retrain_limit()
+    with concurrency(RETRAIN_LIMIT, occupy=1, strict=True):
+        _storm(settings, "started", reason=reason)
+        ok = False
+        try:
+            outcome = _retrain(settings, reason, drift_report, logger)
+            ok = True
+        finally:
+            _storm(settings, "finished", succeeded=ok)
+    return outcome
+
+
+def _retrain(settings, reason, drift_report, logger) -> dict:
+    data = prepare(settings)
+    logger.info("window %s .. %s: %d train / %d eval events, snapshot %s", data.train_start, data.eval_end,
+                len(data.train), len(data.eval), data.snapshot.hash[:12])
+    champ_model, champ_version = champion(settings)
+    trained, model_dir = train(settings, data)
+    cand_eval = evaluate(settings, trained.model, data)
+    champ_eval = evaluate(settings, champ_model, data) if champ_model is not None else None
+    base = baseline(data)
+    decision = decide(cand_eval, champ_eval, settings, base)
+    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else ""
+    lineage = {**data.lineage(), "trigger_reason": reason, "prefect_flow_run_id": flow_run_id,
+               "git_commit": pipeline.git_commit() or "", "champion_version_judged_against": champ_version or ""}
+    run_id, version = register(
+        settings, model_dir=model_dir, evaluation=cand_eval, champion_evaluation=champ_eval, decision=decision,
+        lineage=lineage, params=getattr(trained, "params", {}), history=trained.history, train_data=data.train,
+        drift_report_path=drift_report,
+    )
+    after = promote_or_reject(settings, version, decision, champ_version)
+    promoted = decision.promote and after == str(version)
+    outcome = pipeline.RetrainOutcome(
+        version=str(version), promoted=promoted, reason=reason, decision=decision.to_dict(),
+        candidate_metrics=cand_eval.to_dict(), champion_metrics=None if champ_eval is None else champ_eval.to_dict(),
+        champion_version_before=champ_version, champion_version_after=after, baseline_auc=base,
+        train_seconds=float(trained.seconds), run_id=run_id, lineage=lineage,
+    ).to_dict()
+    report_dir = settings.reports_dir / "retrain"
+    atomic_write_json(outcome, report_dir / f"version-{version}.json")
+    atomic_write_json(outcome, report_dir / "latest.json")
+    create_markdown_artifact(
+        key="gate-report",
+        markdown=f"# Retrain: version {version} {'PROMOTED' if promoted else 'REJECTED'}\n\n"
+                 f"Trigger: `{reason}`. Champion before: `{champ_version}`, after: `{after}`.\n\n"
+                 + decision.to_markdown(),
+        description=f"Gate decision for {settings.model_name} v{version}",
+    )
+    emit(settings, MODEL_PROMOTED if promoted else MODEL_REJECTED,
+         {"version": str(version), "reason": reason, "champion_before": champ_version, "champion_after": after,
+          "decision": decision.to_dict()})
+    logger.info("version %s %s (champion now %s)", version, "promoted" if promoted else "rejected", after)
+    return outcome
+
+
+def latest_outcome(settings) -> dict | None:
+    path = Path(settings.reports_dir) / "retrain" / "latest.json"
+    return json.loads(path.read_text()) if path.exists() else None

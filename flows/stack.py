@@ -1,0 +1,203 @@
+"""``recloop up`` / ``recloop down``: the local stack, on loopback, bound to one workspace.
+
+* Prefect server (SQLite under ``<workspace>/prefect``, analytics off) - the Prefect UI
+* the deployments, served by ``python -m flows.deploy`` (cron ingest, cron monitor,
+  event-triggered retrain)
+* an MLflow server on the workspace's SQLite store and artifacts - the MLflow UI
+* the serving API (``recloop serve``), when the serving room is installed
+
+Child processes run in their own process group; their pids are kept in
+``<workspace>/state/stack.json`` so ``recloop down`` can stop a background stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Service:
+    name: str
+    cmd: list[str]
+    url: str | None
+    health: str | None
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+
+def prefect_api_url(settings) -> str:
+    return settings.prefect_api_url or f"http://127.0.0.1:{settings.prefect_port}/api"
+
+
+def stack_env(settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(settings.prefect_env())
+    env["PREFECT_API_URL"] = prefect_api_url(settings)
+    env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "2")  # the trigger hop takes seconds, not a minute
+    env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    env["RECLOOP_WORKSPACE"] = str(settings.root)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def services(settings, with_mlflow: bool = True, with_serving: bool = True) -> list[Service]:
+    ws = str(settings.root)
+    out = []
+    if not settings.prefect_api_url:  # no external server given: start our own
+        out.append(Service("prefect-server",
+                           [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                            "--port", str(settings.prefect_port), "--log-level", "WARNING"],
+                           f"http://127.0.0.1:{settings.prefect_port}", prefect_api_url(settings) + "/health"))
+    out.append(Service("deployments", [sys.executable, "-m", "flows.deploy", "--workspace", ws], None, None))
+    if with_mlflow and settings.tracking_uri.startswith("sqlite:"):
+        out.append(Service("mlflow-server",
+                           [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.tracking_uri,
+                            "--default-artifact-root", settings.artifact_root, "--host", "127.0.0.1",
+                            "--port", str(settings.mlflow_port), "--workers", "1"],
+                           f"http://127.0.0.1:{settings.mlflow_port}", f"http://127.0.0.1:{settings.mlflow_port}/health"))
+    if with_serving and _have("serving.app"):
+        out.append(Service("serving", [str(BIN / "recloop"), "serve", "--workspace", ws, "--host",
+                                       settings.serving.host, "--port", str(settings.serving.port)],
+                           f"http://{settings.serving.host}:{settings.serving.port}/docs", None))
+    return out
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            last = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s ({last})")
+
+
+class Stack:
+    """Start services in order, wait for each to be healthy, stop them all in reverse."""
+
+    def __init__(self, settings, with_mlflow: bool = True, with_serving: bool = True, log_dir: Path | None = None):
+        self.settings = settings.ensure_dirs()
+        self.services = services(settings, with_mlflow, with_serving)
+        self.env = stack_env(settings)
+        self.log_dir = log_dir or settings.state_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def prefect_url(self) -> str:
+        return prefect_api_url(self.settings).removesuffix("/api")
+
+    def start(self, timeout: float = 90.0, detach: bool = False) -> "Stack":
+        try:
+            for svc in self.services:
+                log = open(self.log_dir / f"{svc.name}.log", "ab")
+                svc.proc = subprocess.Popen(svc.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            cwd=str(Path(__file__).resolve().parent.parent))
+                if svc.health:
+                    wait_http(svc.health, timeout, svc.proc)
+            self._write_state()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_for_deployments(self, names: tuple[str, ...] = ("ingest/ingest", "monitor/monitor", "retrain/retrain"),
+                             timeout: float = 90.0) -> None:
+        from prefect.client.orchestration import get_client
+
+        deadline = time.monotonic() + timeout
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("PREFECT_")})
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                found = set()
+                for name in names:
+                    try:
+                        client.read_deployment_by_name(name)
+                        found.add(name)
+                    except Exception:
+                        pass
+            if found == set(names):
+                return
+            dep = next((s for s in self.services if s.name == "deployments"), None)
+            if dep and dep.proc and dep.proc.poll() is not None:
+                raise RuntimeError(f"the deployments process exited ({dep.proc.returncode}); see "
+                                   f"{self.log_dir / 'deployments.log'}")
+            time.sleep(1)
+        raise TimeoutError(f"deployments {names} not registered within {timeout:.0f}s")
+
+    def _write_state(self) -> None:
+        state = {s.name: {"pid": s.proc.pid, "url": s.url} for s in self.services if s.proc}
+        (self.settings.state_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    def urls(self) -> dict[str, str]:
+        return {s.name: s.url for s in self.services if s.url}
+
+    def stop(self, grace: float = 10.0) -> None:
+        for svc in reversed(self.services):
+            if svc.proc and svc.proc.poll() is None:
+                _killpg(svc.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for svc in reversed(self.services):
+            if svc.proc:
+                try:
+                    svc.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _killpg(svc.proc.pid, signal.SIGKILL)
+                    svc.proc.wait(5)
+        (self.settings.state_dir / "stack.json").unlink(missing_ok=True)
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_background(settings) -> list[str]:
+    """Stop a stack started with ``recloop up --background``; returns the names stopped."""
+    path = settings.state_dir / "stack.json"
+    if not path.exists():
+        return []
+    state = json.loads(path.read_text())
+    for info in state.values():
+        _killpg(info["pid"], signal.SIGTERM)
+    time.sleep(1.0)
+    for info in state.values():
+        _killpg(info["pid"], signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return list(state)
