@@ -114,7 +114,12 @@ class Stack:
     def prefect_url(self) -> str:
         return prefect_api_url(self.settings).removesuffix("/api")
 
-    def start(self, timeout: float = 90.0, detach: bool = False) -> "Stack":
+    def start(self, timeout: float = 90.0) -> "Stack":
+        for svc in self.services:
+            port = _port_of(svc.url)
+            if port and _port_in_use(port):
+                raise RuntimeError(f"port {port} for {svc.name} is already in use (another `recloop up`? "
+                                   f"stop it with `recloop down`, or choose another port in settings)")
         try:
             for svc in self.services:
                 log = open(self.log_dir / f"{svc.name}.log", "ab")
@@ -179,6 +184,22 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _port_of(url: str | None) -> int | None:
+    if not url:
+        return None
+    from urllib.parse import urlparse
+
+    return urlparse(url).port
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _killpg(pid: int, sig: int) -> None:
