@@ -86,6 +86,7 @@ def _storm(settings, what: str, **kw) -> None:
 def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_report: str | None = None) -> dict:
     settings = load_settings(workspace)
     logger = get_run_logger()
+    drift_report = drift_report or None  # an event without a report renders the template as ""
     ensure_retrain_limit()
     with concurrency(RETRAIN_LIMIT, occupy=1, strict=True):
         _storm(settings, "started", reason=reason)
