@@ -295,6 +295,7 @@ class Evaluation:
     n_cold_events: int = 0
     per_group_n: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # metric -> why it is NaN / skipped
+    model_version: str | None = None  # which registered version was scored (set by the caller)
     scored: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -327,7 +328,7 @@ class Evaluation:
             n_events=int(d.get("n_events", 0)), n_users=int(d.get("n_users", 0)), k=int(d.get("k", 10)),
             n_positive=int(d.get("n_positive", 0)), n_cold_events=int(d.get("n_cold_events", 0)),
             per_group_n={c: {g: int(v) for g, v in m.items()} for c, m in (d.get("per_group_n") or {}).items()},
-            reasons=dict(d.get("reasons") or {}),
+            reasons=dict(d.get("reasons") or {}), model_version=d.get("model_version"),
         )
 
 

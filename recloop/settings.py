@@ -27,6 +27,10 @@ class CheckSettings(BaseModel):
     like_rate_bounds: tuple[float, float] = (0.01, 0.95)  # a batch of 100 % likes is suspicious
     max_events_per_user: int = 500  # per batch: click-spam guard
     min_batch_rows_for_rate_check: int = 50
+    data_docs: bool = True  # render GX Data Docs (HTML) into reports/data_docs/ on every validation
+    max_title_chars: int = 300  # catalog suite: title length bound
+    max_description_chars: int = 5000  # catalog suite: description length bound
+    known_categories: list[str] | None = None  # catalog suite: None = categories already in the store's catalog
 
 
 class TrainingSettings(BaseModel):
@@ -80,6 +84,13 @@ class GateSettings(BaseModel):
     max_tail_exposure_drop: float = 0.05
     group_columns: list[str] = Field(default_factory=lambda: ["gender", "age_bucket"])
     k: int = 10
+    require_baseline: bool = True  # no popularity-baseline AUC given -> that rule fails closed
+    decide_on: Literal["point", "ci_lower"] = "point"  # champion rule on the paired AUC delta or its CI lower bound
+    bootstrap_unit: Literal["event", "user"] = "event"  # what the paired bootstrap resamples
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
+    min_paired_share: float = 0.95  # share of candidate eval events the champion must also have scored
+    min_group_events: int = 1  # groups with fewer eval events are reported but left out of the AUC gap
 
 
 class MonitorSettings(BaseModel):
@@ -91,6 +102,20 @@ class MonitorSettings(BaseModel):
     max_auc_drop: float = 0.05  # live AUC below offline AUC by more than this triggers a retrain
     cooldown_minutes: int = 60
     min_new_events: int = 1_000
+    pending_timeout_minutes: int = 360  # a retrain requested/started longer ago than this is presumed dead
+    seed: int = 0  # window sampling
+    min_window_events: int = 200  # fewer events in either window: no drift verdict (too little data)
+    score_sample_size: int = 20_000  # rows per window the champion scores (prediction drift, live AUC)
+    min_auc_labels: int = 50  # per class, before a live AUC is trusted
+    num_method: str = "wasserstein"  # Evidently method for numeric features (normed Wasserstein)
+    num_threshold: float = 0.1
+    cat_method: str = "jensenshannon"  # Evidently method for categorical features
+    cat_threshold: float = 0.1
+    novelty_threshold: float = 0.02  # text novelty: mean share of unseen tokens may move by this much
+    target_threshold: float = 0.05  # Jensen-Shannon distance of the label (like-rate) distribution
+    prediction_threshold: float = 0.1  # normed Wasserstein of the champion's scores
+    retrain_on_target_drift: bool = True
+    retrain_on_prediction_drift: bool = True
 
 
 class ServingSettings(BaseModel):
