@@ -18,7 +18,7 @@ app = typer.Typer(help="recloop: a self-retraining BERT recommender (Prefect, GX
                   no_args_is_help=True, add_completion=False)
 
 ROOM_COMMANDS = ("data_checks.commands", "models.commands", "models.registry_commands", "monitoring.commands", "flows.commands",
-                 "serving.commands", "recloop.replay_commands")
+                 "serving.commands", "replay.commands")
 
 
 @app.command()

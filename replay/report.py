@@ -1,0 +1,105 @@
+"""Replay outputs: every per-batch number as JSON, a markdown summary table, a PNG plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from recloop.store import atomic_write_bytes, atomic_write_json
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> dict:
+    """One row of the summary table for a policy."""
+    scored = [r for r in records if r.get("auc") is not None]
+    aucs = [r["auc"] for r in scored]
+    third = scored[len(scored) - max(1, len(scored) // 3):] if scored else []
+    after = [r["auc"] for r in scored if drift_at and r["batch_start"] >= drift_at]
+    return {
+        "policy": policy,
+        "batches": len(records),
+        "scored_batches": len(scored),
+        "mean_auc": _mean(aucs),
+        "mean_auc_after_drift": _mean(after) if drift_at else None,
+        "auc_last_third": _mean([r["auc"] for r in third]),
+        "worst_batch_auc": min(aucs) if aucs else None,
+        "mean_ndcg_at_10": _mean([r.get("ndcg_at_k") for r in scored]),
+        "mean_cold_item_auc": _mean([r.get("cold_item_auc") for r in scored]),
+        "retrains": sum(1 for r in records if r.get("retrained")),
+        "promotions": sum(1 for r in records if r.get("promoted")),
+        "rejected": sum(1 for r in records if r.get("retrained") and not r.get("promoted")),
+        "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in records), 1),
+    }
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "worst_batch_auc", "mean_ndcg_at_10",
+            "retrains", "promotions", "rejected", "train_seconds"]
+    head = ["policy", "mean AUC", "mean AUC after drift", "AUC last third", "worst batch AUC", "mean NDCG@10",
+            "retrains", "promotions", "rejected", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[dict]], path: Path, drift_at: str | None = None, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    for policy, records in results.items():
+        xs = [i for i, r in enumerate(records) if r.get("auc") is not None]
+        ys = [records[i]["auc"] for i in xs]
+        (line,) = ax.plot(xs, ys, marker=".", label=policy)
+        promos = [i for i, r in enumerate(records) if r.get("promoted")]
+        rejects = [i for i, r in enumerate(records) if r.get("retrained") and not r.get("promoted")]
+        for i in promos:
+            ax.axvline(i + 0.5, color=line.get_color(), alpha=0.25, lw=1)
+        floor = min(ys or [0.5])
+        ax.scatter([i + 0.5 for i in promos], [floor - 0.02] * len(promos), marker="^", color=line.get_color(), s=30)
+        ax.scatter([i + 0.5 for i in rejects], [floor - 0.035] * len(rejects), marker="x",
+                   color=line.get_color(), s=25)
+    if drift_at is not None:
+        first = next(iter(results.values()), [])
+        idx = next((i for i, r in enumerate(first) if r["batch_start"] >= drift_at), None)
+        if idx is not None:
+            ax.axvline(idx - 0.5, color="black", ls="--", lw=1)
+            ax.text(idx - 0.4, ax.get_ylim()[1], " drift", va="top", fontsize=8)
+    ax.set_xlabel("batch (time order); scored by the champion before ingest")
+    ax.set_ylabel("AUC")
+    ax.set_title(title or "replay: AUC per batch (▲ promotion, × rejected candidate)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_reports(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> dict:
+    drift_at = meta.get("drift_at")
+    rows = [summarize(p, recs, drift_at) for p, recs in results.items()]
+    atomic_write_json({"meta": meta, "summary": rows, "batches": results}, out_dir / "replay.json")
+    md = f"# Replay: {meta.get('source')}\n\n" + to_markdown(rows)
+    atomic_write_bytes(out_dir / "summary.md", md.encode())
+    png = plot(results, out_dir / "auc.png", drift_at, f"replay on {meta.get('source')}: AUC per batch")
+    return {"summary": rows, "json": str(out_dir / "replay.json"), "markdown": str(out_dir / "summary.md"),
+            "plot": str(png)}

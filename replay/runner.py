@@ -1,0 +1,238 @@
+"""Replay a time-ordered feedback log through the whole loop, once per retraining policy.
+
+For each policy, in its own workspace, batch by batch in time order:
+
+a. **test**: the current champion scores the batch *before* it is ingested (no
+   look-ahead), with user histories and item statistics from the freshest store
+   contents; AUC, NDCG@10, per-group AUC and cold-item AUC are recorded;
+b. **ingest** the batch through the ingest flow (Great Expectations; bad batches are
+   quarantined exactly as in production);
+c. **monitor** (drift policy): the monitor flow decides whether to retrain;
+d. **train** according to the policy, through the production retrain flow and its gates:
+   ``never`` trains once after the first ``initial_periods``; ``periodic`` then every
+   ``every`` periods; ``drift`` whenever the monitor says so.
+
+Progress is saved after every batch (``<policy workspace>/state/replay.json``): a killed
+replay continues from the last completed batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recloop.store import atomic_write_json
+
+POLICIES = ("never", "periodic", "drift")
+
+REPLAY_TOML = """# written by `recloop replay`: simulated time, so no wall-clock cooldown
+[monitor]
+cooldown_minutes = 0
+"""
+
+
+@dataclass
+class ReplaySource:
+    name: str
+    batches: list[tuple[pd.Timestamp, pd.DataFrame]]
+    catalog: pd.DataFrame
+    users: pd.DataFrame
+    drift_at: pd.Timestamp | None = None
+
+
+@dataclass
+class ReplayConfig:
+    policies: tuple[str, ...] = POLICIES
+    initial_periods: int = 8
+    every: int = 1
+    max_batches: int | None = None
+    settings_overrides: dict = field(default_factory=dict)
+
+
+def synthetic_source(cfg=None, period_days: int = 1) -> ReplaySource:
+    from recloop.datasets.batches import split_by_period
+    from recloop.datasets.synthetic import generate
+
+    data = generate(cfg)
+    if period_days == 1:
+        batches = list(data.landing_batches().items())
+    else:
+        batches = list(split_by_period(data.events, period_days, origin=data.day_start(0)).items())
+    drift = data.day_start(data.config.drift_day) if data.config.drift_day is not None else None
+    return ReplaySource("synthetic", batches, data.catalog, data.users, drift)
+
+
+def movielens_source(path, period_days: int = 7) -> ReplaySource:
+    from recloop.datasets.batches import split_by_period
+    from recloop.datasets.movielens import load_movielens
+
+    data = load_movielens(path)
+    return ReplaySource("movielens", list(split_by_period(data.events, period_days).items()), data.catalog,
+                        data.users, None)
+
+
+def should_retrain(policy: str, done_periods: int, cfg: ReplayConfig, monitor: dict | None) -> tuple[bool, str]:
+    """The policy's decision after ``done_periods`` batches have been ingested."""
+    if done_periods < cfg.initial_periods:
+        return False, ""
+    if done_periods == cfg.initial_periods:
+        return True, "initial"
+    if policy == "periodic" and (done_periods - cfg.initial_periods) % cfg.every == 0:
+        return True, f"periodic(every {cfg.every})"
+    if policy == "drift" and monitor and monitor.get("should_retrain"):
+        return True, str(monitor.get("reason") or "drift")
+    return False, ""
+
+
+def _valid_rows(batch: pd.DataFrame, catalog_ids: set[str], end: pd.Timestamp) -> pd.DataFrame:
+    """Rows a champion can be judged on (the ingest decides separately what is stored)."""
+    df = batch.dropna(subset=["user_id", "item_id", "label", "timestamp"])
+    df = df[df["item_id"].isin(catalog_ids) & df["label"].isin([0, 1])]
+    df = df[pd.to_datetime(df["timestamp"], utc=True) < end].drop_duplicates("event_id")
+    df = df.copy()
+    df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True)
+    if "query" not in df:
+        df["query"] = None
+    return df
+
+
+def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.DataFrame, catalog, users,
+                k: int = 10, group_columns=("gender", "age_bucket")) -> dict:
+    from models.evaluate import evaluate_scores
+
+    scored = batch[["event_id", "user_id", "item_id", "label", "timestamp"]].copy()
+    scored["score"] = np.asarray(model.score(batch[["user_id", "item_id", "query", "timestamp"]], history, catalog),
+                                 dtype=float)
+    train_items = set(model_config.get("item_vocab", []))
+    popularity = history.groupby("item_id").size() if len(history) else pd.Series(dtype=float)
+    ev = evaluate_scores(scored, users, train_items, popularity, k=k, group_columns=tuple(group_columns))
+    d = ev.to_dict()
+    return {key: d.get(key) for key in ("auc", "ndcg_at_k", "recall_at_k", "cold_item_auc", "per_group_auc",
+                                        "group_auc_gap", "n_events")}
+
+
+class PolicyRun:
+    """One policy's replay in its own workspace."""
+
+    def __init__(self, policy: str, source: ReplaySource, root: Path, cfg: ReplayConfig):
+        from recloop.settings import load_settings
+
+        self.policy, self.source, self.cfg = policy, source, cfg
+        self.root = root / policy
+        self.root.mkdir(parents=True, exist_ok=True)
+        toml = self.root / "recloop.toml"
+        if not toml.exists():
+            toml.write_text(REPLAY_TOML)
+        self.settings = load_settings(self.root, **cfg.settings_overrides).ensure_dirs()
+        self.progress_path = self.settings.state_dir / "replay.json"
+        self.records: list[dict] = self._load_progress()
+        self._champion = (None, None, None)  # (version, model, config)
+
+    def _load_progress(self) -> list[dict]:
+        if self.progress_path.exists():
+            return json.loads(self.progress_path.read_text())["records"]
+        return []
+
+    def _save_progress(self) -> None:
+        atomic_write_json({"policy": self.policy, "records": self.records}, self.progress_path)
+
+    def _champion_model(self):
+        from models.pipeline import load_champion_version
+
+        version = load_champion_version(self.settings)
+        if version is None:
+            return None, None, None
+        if self._champion[0] != version:
+            from models.registry import load_champion
+
+            model, _info = load_champion(self.settings)
+            self._champion = (version, model, model.config)
+        return self._champion
+
+    def run(self, progress=None) -> list[dict]:
+        from flows.ingest import ingest_flow
+        from recloop.datasets.batches import write_batch
+        from recloop.store import FeedbackStore
+
+        store = FeedbackStore.from_settings(self.settings)
+        if not store.catalog_path.exists():
+            store.upsert_catalog(self.source.catalog)
+            store.upsert_users(self.source.users)
+        catalog_ids = set(self.source.catalog["item_id"])
+        batches = self.source.batches[: self.cfg.max_batches] if self.cfg.max_batches else self.source.batches
+        for i, (start, batch) in enumerate(batches):
+            if i < len(self.records):
+                continue
+            end = batches[i + 1][0] if i + 1 < len(batches) else start + pd.Timedelta(days=365)
+            rec: dict = {"batch": i, "batch_start": str(start), "n_rows": len(batch)}
+            # a. test: the champion scores the batch before it is ingested
+            version, model, config = self._champion_model()
+            if model is not None:
+                rows = _valid_rows(batch, catalog_ids, end)
+                if len(rows) and rows["label"].nunique() == 2:
+                    rec.update(score_batch(model, config, rows, store.read(), self.source.catalog,
+                                           self.source.users, k=self.settings.gates.k,
+                                           group_columns=self.settings.gates.group_columns))
+                rec["champion_version"] = version
+            # b. ingest through the production flow
+            write_batch(batch, self.settings.landing_dir / f"{self.source.name}-{start.strftime('%Y%m%dT%H%M')}.parquet")
+            ingested = ingest_flow(workspace=str(self.settings.root))
+            rec["ingest"] = _ingest_summary(ingested)
+            # c. monitor (the drift policy acts on it)
+            monitor = None
+            if self.policy == "drift" and i + 1 > self.cfg.initial_periods:
+                from flows.monitor import monitor_flow
+
+                monitor = monitor_flow(workspace=str(self.settings.root))
+                rec["monitor"] = {"should_retrain": monitor.get("should_retrain"), "reason": monitor.get("reason"),
+                                  "suppressed_by": monitor.get("suppressed_by")}
+            # d. train by policy, through the production retrain flow and its gates
+            go, reason = should_retrain(self.policy, i + 1, self.cfg, monitor)
+            if go:
+                rec.update(_retrain(self.settings, reason))
+            self.records.append(rec)
+            self._save_progress()
+            if progress is not None:
+                progress(self.policy, i + 1, len(batches), rec)
+        return self.records
+
+
+def _ingest_summary(ingested) -> dict:
+    outs = ingested if isinstance(ingested, list) else [ingested]
+    statuses = [o.get("status") if isinstance(o, dict) else getattr(o, "status", None) for o in outs]
+    return {"files": len(outs), "statuses": statuses}
+
+
+def _retrain(settings, reason: str) -> dict:
+    from flows.retrain import retrain_flow
+
+    t0 = time.perf_counter()
+    try:
+        out = retrain_flow(reason=reason, workspace=str(settings.root))
+    except Exception as exc:  # a failed retrain leaves the champion; the replay records it and goes on
+        return {"retrained": True, "promoted": False, "retrain_error": f"{type(exc).__name__}: {exc}",
+                "train_seconds": time.perf_counter() - t0, "reason": reason}
+    failed = [r["name"] for r in out.get("decision", {}).get("rules", []) if not r.get("passed")]
+    return {"retrained": True, "promoted": bool(out.get("promoted")), "reason": reason,
+            "version": out.get("version"), "train_seconds": out.get("train_seconds"),
+            "candidate_auc": out.get("candidate_metrics", {}).get("auc"), "failed_gates": failed}
+
+
+def run_replay(source: ReplaySource, root: Path, cfg: ReplayConfig, progress=None) -> dict:
+    from replay.report import write_reports
+
+    t0 = time.perf_counter()
+    results = {}
+    for policy in cfg.policies:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        results[policy] = PolicyRun(policy, source, root, cfg).run(progress)
+    meta = {"source": source.name, "batches": len(source.batches), "drift_at": None if source.drift_at is None
+            else str(source.drift_at), "config": {k: v for k, v in asdict(cfg).items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+    return {**write_reports(root / "reports" / "replay", results, meta), "meta": meta}
