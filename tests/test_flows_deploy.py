@@ -1,0 +1,92 @@
+"""Deployments are declared right, and a real Prefect server runs the drift-triggered retrain."""
+
+from __future__ import annotations
+
+import importlib
+import socket
+
+import pytest
+
+from flows.events import DRIFT_DETECTED
+
+
+def test_every_deployment_entrypoint_imports():
+    for module, fn in [("flows.ingest", "ingest_flow"), ("flows.monitor", "monitor_flow"),
+                       ("flows.retrain", "retrain_flow"), ("flows.loop", "loop_flow"), ("flows.deploy", "main")]:
+        assert callable(getattr(importlib.import_module(module), fn))
+
+
+def test_three_deployments_with_schedules_and_trigger(settings):
+    from flows.deploy import build_deployments
+
+    deps = {d.name: d for d in build_deployments(settings)}
+    assert set(deps) == {"ingest", "monitor", "retrain"}
+    assert deps["ingest"].schedules[0].schedule.cron == settings.ingest_cron
+    assert deps["monitor"].schedules[0].schedule.cron == settings.monitor_cron
+    assert not deps["retrain"].schedules
+    (trigger,) = deps["retrain"].triggers
+    assert trigger.expect == {DRIFT_DETECTED}
+    assert trigger.match.root["prefect.resource.id"] == f"recloop.workspace.{settings.root.name}"
+    assert trigger.parameters["reason"] == "{{ event.payload.reason }}"
+    for d in deps.values():
+        assert d.parameters["workspace"] == str(settings.root)
+        assert "recloop" in d.tags and d.description
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world):
+    """Start a Prefect server + served deployments, emit recloop.drift.detected, see a retrain run complete."""
+    import os
+    from datetime import datetime, timezone
+
+    from flows.demo import wait_for_triggered_run
+    from flows.stack import Stack
+    from models.testing import make_tiny_encoder
+    from recloop.settings import load_settings
+    from recloop.store import FeedbackStore
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    enc = make_tiny_encoder(tmp_path / "enc")
+    (ws / "recloop.toml").write_text(
+        f"prefect_port = {_free_port()}\n[training]\nencoder_path = \"{enc}\"\nmax_epochs = 1\n"
+        "[gates]\nmin_auc = 0.0\nmin_ndcg = 0.0\n")
+    settings = load_settings(ws).ensure_dirs()
+    store = FeedbackStore.from_settings(settings)
+    store.upsert_catalog(small_world.catalog)
+    store.upsert_users(small_world.users)
+    store.append(small_world.events, batch_id="seed")
+
+    stack = Stack(settings, with_mlflow=False, with_serving=False)
+    stack.start()
+    saved = dict(os.environ)
+    try:
+        stack.wait_for_deployments()
+        os.environ.update({k: v for k, v in stack.env.items() if k.startswith("PREFECT_")})
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            ingest = client.read_deployment_by_name("ingest/ingest")
+            monitor = client.read_deployment_by_name("monitor/monitor")
+            assert ingest.schedules and ingest.schedules[0].schedule.cron == settings.ingest_cron
+            assert monitor.schedules and monitor.schedules[0].schedule.cron == settings.monitor_cron
+        before = datetime.now(timezone.utc)
+        from flows.events import emit
+
+        emit(settings, DRIFT_DETECTED, {"reason": "test_drift", "report_path": ""})
+        run = wait_for_triggered_run("retrain/retrain", before, timeout=300)
+        assert run.state.type.value == "COMPLETED", run.state.message
+        assert run.parameters["reason"] == "test_drift"
+        from models.pipeline import load_champion_version
+
+        assert load_champion_version(settings) == "1"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        stack.stop()
