@@ -136,7 +136,6 @@ class ServingSettings(BaseModel):
     store_refresh_seconds: float = 5.0  # how often the cached history/stats/catalog are checked for changes
     exploration_max_shown: int | None = None  # "rarely shown" = shown at most this often (None: bottom 10 %)
     impression_flush_seconds: float = 1.0
-    item_vector_cache: bool = True  # cache item vectors per model version under state/serving/
     seed: int | None = None  # exploration RNG seed (None: random)
 
 

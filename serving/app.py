@@ -1,0 +1,245 @@
+"""The serving API: ``create_app(settings, model_source=None)``.
+
+Routes
+  ``GET  /recommend?user_id=&k=``      top-K for a user (history-based; cold start: popular and diverse)
+  ``GET  /search?q=&user_id=&k=``      top-K for a query text, personalised when a user is given
+  ``POST /feedback``                   one event or ``{"events": [...]}`` -> ``landing/`` (202, idempotent)
+  ``GET  /health``                     200 when a model is loaded, else 503
+  ``GET  /model``                      served version, trained window, metrics
+  ``POST /admin/reload``               poll the registry and refresh the store view now (token)
+
+Everything a request needs is read once at its start (``holder.current``,
+``view.data``), so background swaps never change a response half-way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import numpy as np
+import pydantic_core
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from recloop.schema import FeedbackEvent
+from serving import ranking
+from serving.feedback import FeedbackWriter, ImpressionLog, impressions_dir
+from serving.lifecycle import ModelHolder, ModelSource, RegistryModelSource
+from serving.security import BodySizeLimit, RateLimiter, check_token
+from serving.storeview import StoreView
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackIn(FeedbackEvent):
+    """A feedback event as posted: the contract's event plus the impression it answers (optional)."""
+
+    impression_id: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class FeedbackBatchIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackIn] = Field(min_length=1)
+
+
+def _errors(exc: ValidationError) -> list[dict]:
+    """Validation errors without echoing the (possibly huge) input back."""
+    out = []
+    for e in exc.errors(include_url=False, include_input=False)[:50]:
+        e.pop("ctx", None)
+        out.append({"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")})
+    return out
+
+
+def _unprocessable(detail) -> HTTPException:
+    return HTTPException(status_code=422, detail=detail)
+
+
+def create_app(settings, model_source: ModelSource | None = None, start_background: bool = True) -> FastAPI:
+    """Build the app. ``model_source`` defaults to the MLflow registry's champion alias.
+
+    ``start_background=False`` skips the polling/refresh and impression-flush threads (tests drive
+    ``app.state.holder`` by hand); the initial store read and model load still happen at startup.
+    """
+    s = settings.serving
+    settings.ensure_dirs()
+    state_dir = settings.state_dir / "serving"
+    source = model_source if model_source is not None else RegistryModelSource(settings)
+    view = StoreView(settings.store_dir)
+    holder = ModelHolder(source, view, settings)
+    writer = FeedbackWriter(settings.landing_dir, state_dir)
+    impressions = ImpressionLog(impressions_dir(settings), s.impression_flush_seconds)
+    limiter = RateLimiter(s.feedback_rate_per_minute)
+    seeds = np.random.default_rng(s.seed)
+    seeds_lock = threading.Lock()
+
+    def rng() -> np.random.Generator:
+        with seeds_lock:
+            return np.random.default_rng(int(seeds.integers(2**63)))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        view.refresh(force=True)
+        holder.poll_once()
+        if start_background:
+            holder.start()
+            impressions.start()
+        try:
+            yield
+        finally:
+            holder.stop()
+            impressions.stop()
+
+    app = FastAPI(title="recloop serving", version="1", lifespan=lifespan,
+                  description="Search and recommendations from the champion model; feedback into landing/.")
+    app.state.settings, app.state.holder, app.state.view = settings, holder, view
+    app.state.writer, app.state.impressions, app.state.limiter = writer, impressions, limiter
+    app.add_middleware(BodySizeLimit, max_bytes=s.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return JSONResponse({"detail": errs[:50]}, status_code=422)
+
+    def served_or_503():
+        cur = holder.current
+        if cur is None:
+            raise HTTPException(status_code=503, detail="no model loaded yet", headers={"Retry-After": "5"})
+        return cur
+
+    def log_impression(endpoint: str, user_id: str | None, query: str | None, served, ranked) -> str:
+        impression_id = uuid.uuid4().hex
+        ts = datetime.now(UTC).isoformat()
+        impressions.log([{"impression_id": impression_id, "timestamp": ts, "endpoint": endpoint, "user_id": user_id,
+                          "query": query, "item_id": it["item_id"], "rank": it["rank"], "score": it["score"],
+                          "explored": it["explored"], "model_version": served.version} for it in ranked.items])
+        return impression_id
+
+    def answer(endpoint, user_id, query, served, ranked, t0):
+        impression_id = log_impression(endpoint, user_id, query, served, ranked)
+        body = {"impression_id": impression_id, "model_version": served.version, "user_id": user_id,
+                "cold_start": ranked.cold_start, "n_candidates": ranked.n_candidates, "items": ranked.items,
+                "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        if query is not None:
+            body["query"] = query
+        return JSONResponse(body, headers={"X-Model-Version": served.version})
+
+    UserId = Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[\w.:@\-]+$")]
+    K = Annotated[int, Query(ge=1, le=s.max_k)]
+
+    @app.get("/recommend")
+    def recommend(user_id: UserId, k: K = 10):
+        t0 = time.perf_counter()
+        served = served_or_503()
+        ranked = ranking.recommend(served, view.data, settings, user_id, k, rng())
+        return answer("recommend", user_id, None, served, ranked, t0)
+
+    @app.get("/search")
+    def search(q: Annotated[str, Query(min_length=1, max_length=settings.checks.max_query_chars)],
+               user_id: Annotated[str | None, Query(min_length=1, max_length=128, pattern=r"^[\w.:@\-]+$")] = None,
+               k: K = 10):
+        t0 = time.perf_counter()
+        query = q.strip()
+        if not query:
+            raise _unprocessable([{"loc": ["query", "q"], "msg": "query is blank", "type": "value_error"}])
+        served = served_or_503()
+        ranked = ranking.search(served, view.data, settings, query, user_id, k, rng())
+        return answer("search", user_id, query, served, ranked, t0)
+
+    @app.post("/feedback", status_code=202, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"oneOf": [FeedbackIn.model_json_schema(),
+                                                  FeedbackBatchIn.model_json_schema()]}}}}})
+    async def feedback(request: Request):
+        check_token(request, s.token)
+        body = await request.body()  # the size cap (middleware) already bounds this
+        events = _parse_feedback(body, s.max_batch_events)
+        now = datetime.now(UTC)
+        late = now + timedelta(seconds=settings.checks.future_tolerance_s)
+        future = [e.event_id for e in events if e.timestamp > late]
+        if future:
+            raise _unprocessable([{"loc": ["body", "timestamp"], "type": "value_error",
+                                   "msg": f"timestamps in the future for event ids {future[:10]}"}])
+        catalog = view.data.catalog
+        unknown = sorted({e.item_id for e in events if e.item_id not in catalog.index})
+        if unknown:
+            raise _unprocessable([{"loc": ["body", "item_id"], "type": "value_error",
+                                   "msg": f"unknown item ids (not in the catalog): {unknown[:10]}"}])
+        ok, retry = limiter.try_acquire(Counter(e.user_id for e in events))
+        if not ok:
+            raise HTTPException(status_code=429, detail="feedback rate limit exceeded for this user",
+                                headers={"Retry-After": str(int(np.ceil(retry)))})
+        rows = [e.model_dump(exclude={"impression_id"}) for e in events]
+        result = await _run_sync(writer.write, rows)
+        impressions.link([{"event_id": e.event_id, "impression_id": e.impression_id, "user_id": e.user_id,
+                           "item_id": e.item_id, "event_type": e.event_type}
+                          for e in events if e.impression_id])
+        return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates,
+                             "batch_file": result.batch_file}, status_code=202)
+
+    @app.get("/health")
+    def health():
+        cur = holder.current
+        body = {"status": "ready" if cur else "no_model", "model_version": cur.version if cur else None,
+                "items_indexed": len(cur.index) if cur else 0, "events_cached": len(view.data.events),
+                "last_error": holder.last_error}
+        return JSONResponse(body, status_code=200 if cur else 503)
+
+    @app.get("/model")
+    def model_info():
+        cur = served_or_503()
+        info = dict(cur.info)
+        return {"version": cur.version, "loaded_at": cur.loaded_at, "source": info.pop("source", None),
+                "trained_window": info.pop("trained_window", None), "metrics": info.pop("metrics", None),
+                "items_indexed": len(cur.index), "index_build_seconds": round(cur.index.build_seconds, 3),
+                "details": info}
+
+    @app.post("/admin/reload")
+    def reload(request: Request):
+        check_token(request, s.token)
+        refreshed = holder.refresh_data()
+        swapped = holder.poll_once()
+        cur = holder.current
+        return {"swapped": swapped, "store_refreshed": refreshed, "model_version": cur.version if cur else None,
+                "last_error": holder.last_error}
+
+    return app
+
+
+async def _run_sync(fn, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)
+
+
+def _parse_feedback(body: bytes, max_events: int) -> list[FeedbackIn]:
+    """One event, ``{"events": [...]}`` or a bare list -> validated events (422 on anything else)."""
+    if not body.strip():
+        raise _unprocessable([{"loc": ["body"], "msg": "empty body", "type": "missing"}])
+    try:
+        doc = pydantic_core.from_json(body)  # Rust parser: depth-limited, never a RecursionError
+    except ValueError as exc:
+        raise _unprocessable([{"loc": ["body"], "msg": f"invalid JSON: {str(exc)[:200]}", "type": "json_invalid"}])
+    if isinstance(doc, list):
+        doc = {"events": doc}
+    if not isinstance(doc, dict):
+        raise _unprocessable([{"loc": ["body"], "msg": "expected an event object, a list or {\"events\": [...]}",
+                               "type": "type_error"}])
+    if isinstance(doc.get("events"), list) and len(doc["events"]) > max_events:
+        raise _unprocessable([{"loc": ["body", "events"], "type": "too_long",
+                               "msg": f"at most {max_events} events per request"}])
+    try:
+        if "events" in doc:
+            return FeedbackBatchIn.model_validate(doc).events
+        return [FeedbackIn.model_validate(doc)]
+    except ValidationError as exc:
+        raise _unprocessable(_errors(exc))

@@ -1,0 +1,162 @@
+"""Candidate retrieval over precomputed item vectors, MMR diversity, the exploration slot.
+
+:class:`ItemIndex` holds one L2-normalised vector per catalog item (the model's item
+tower, ``Recommender.item_vectors``). Retrieval is exact: one matrix-vector product and
+an ``argpartition`` (100k x 128 float32 is ~50 MB and a few ms on one core); an ANN
+index is not needed at this size. The index is rebuilt incrementally when the catalog
+changes: items whose text did not change keep their vectors, new or edited items are
+encoded — so a new catalog item is retrievable as soon as the store shows it.
+(The ``Recommender`` caches the encoder's text vectors itself and saves them with the
+model, so loading a champion re-encodes only items added after its training.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from recloop.schema import item_text
+
+log = logging.getLogger(__name__)
+
+
+def text_hashes(catalog: pd.DataFrame) -> np.ndarray:
+    """A 64-bit hash of each item's model text (detects edited items)."""
+    texts = item_text(catalog)
+    return np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+                     for t in texts], dtype=np.uint64)
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
+
+
+@dataclass(frozen=True)
+class ItemIndex:
+    item_ids: np.ndarray  # str [n]
+    vectors: np.ndarray  # float32 [n, d], L2-normalised, C-contiguous
+    hashes: np.ndarray  # uint64 [n]
+    row: dict = field(repr=False)  # item_id -> row
+    build_seconds: float = 0.0
+    n_encoded: int = 0  # how many vectors the last build had to compute
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1]) if self.vectors.ndim == 2 else 0
+
+    def rows_of(self, item_ids) -> np.ndarray:
+        return np.array([self.row[i] for i in item_ids if i in self.row], dtype=np.int64)
+
+    def top_n(self, query: np.ndarray, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and cosine similarities of the ``n`` items nearest to ``query`` (exact), best first."""
+        if len(self) == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        q = _normalise(query.reshape(-1))
+        sims = self.vectors @ q
+        if exclude is not None and len(exclude):
+            sims[exclude] = -np.inf
+        n = min(n, len(sims))
+        part = np.argpartition(-sims, n - 1)[:n] if n < len(sims) else np.arange(len(sims))
+        part = part[np.isfinite(sims[part])]
+        order = part[np.argsort(-sims[part], kind="stable")]
+        return order.astype(np.int64), sims[order]
+
+    # ---- building ---------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model, catalog: pd.DataFrame, previous: ItemIndex | None = None,
+              chunk: int = 4096) -> ItemIndex:
+        """Vectors for every item of ``catalog`` (a frame with an ``item_id`` column).
+
+        Vectors of items whose text hash matches ``previous`` (same model) are reused.
+        """
+        t0 = time.perf_counter()
+        catalog = catalog.reset_index(drop=True)
+        ids = catalog["item_id"].astype(str).to_numpy()
+        hashes = text_hashes(catalog)
+        sources = []
+        if previous is not None:
+            sources.append((previous.item_ids, previous.hashes, previous.vectors))
+        dim = None
+        vec_of: dict[str, np.ndarray] = {}
+        for s_ids, s_hash, s_vec in sources:
+            dim = s_vec.shape[1]
+            lookup = {str(i): k for k, i in enumerate(s_ids)}
+            for iid, h in zip(ids, hashes):
+                if iid in vec_of:
+                    continue
+                k = lookup.get(iid)
+                if k is not None and s_hash[k] == h:
+                    vec_of[iid] = s_vec[k]
+        missing = [j for j, iid in enumerate(ids) if iid not in vec_of]
+        new_vecs = {}
+        for start in range(0, len(missing), chunk):
+            sel = missing[start:start + chunk]
+            out_ids, vecs = model.item_vectors(catalog.iloc[sel].reset_index(drop=True))
+            vecs = _normalise(vecs)
+            dim = vecs.shape[1]
+            for iid, v in zip(out_ids, vecs):
+                new_vecs[str(iid)] = v
+        if dim is None:
+            dim = 0
+        vectors = np.zeros((len(ids), dim), dtype=np.float32)
+        for j, iid in enumerate(ids):
+            v = vec_of.get(iid)
+            if v is None:
+                v = new_vecs.get(iid)
+            if v is not None:
+                vectors[j] = v
+        return cls(item_ids=ids, vectors=np.ascontiguousarray(vectors), hashes=hashes,
+                   row={iid: j for j, iid in enumerate(ids)}, build_seconds=time.perf_counter() - t0,
+                   n_encoded=len(missing))
+
+
+def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> np.ndarray:
+    """Maximal marginal relevance: greedily pick ``k`` of the candidates.
+
+    Each step takes ``argmax lam * rel - (1 - lam) * max_sim_to_picked``; ``relevance`` is
+    min-max scaled to [0, 1] first so it is comparable with cosine similarity.
+    Returns positions into the candidate arrays, in pick order.
+    """
+    n = len(relevance)
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    rel = np.asarray(relevance, dtype=np.float64)
+    span = rel.max() - rel.min()
+    rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
+    sim = vectors @ vectors.T
+    picked: list[int] = []
+    max_sim = np.full(n, -np.inf)
+    available = np.ones(n, dtype=bool)
+    for _ in range(k):
+        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
+        gain = lam * rel - (1 - lam) * penalty
+        gain[~available] = -np.inf
+        j = int(np.argmax(gain))
+        picked.append(j)
+        available[j] = False
+        max_sim = np.maximum(max_sim, sim[j])
+    return np.array(picked, dtype=np.int64)
+
+
+def exploration_pool(index: ItemIndex, shown: pd.Series, max_shown: int | None) -> np.ndarray:
+    """Rows of new or rarely shown items: never shown, or shown at most ``max_shown`` times.
+
+    With ``max_shown=None`` the threshold is the 10th percentile of exposure counts among
+    catalog items (items never shown count as 0).
+    """
+    if len(index) == 0:
+        return np.empty(0, dtype=np.int64)
+    counts = shown.reindex(index.item_ids).fillna(0).to_numpy(dtype=np.int64)
+    limit = int(np.percentile(counts, 10)) if max_shown is None else max_shown
+    return np.flatnonzero(counts <= limit).astype(np.int64)

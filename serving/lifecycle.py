@@ -1,0 +1,307 @@
+"""Which model answers: loading the champion, polling its alias, hot-swapping.
+
+A request reads :attr:`ModelHolder.current` once and uses that :class:`Served` bundle
+(model, version, item index) to the end, so a swap never mixes two models inside one
+response. A swap builds everything first (load weights, encode the catalog) and then
+replaces one reference: requests in flight finish on the old bundle, new ones get the
+new bundle, none waits and none fails.
+
+One background thread (:meth:`ModelHolder.start`) does all the maintenance in order:
+refresh the cached store view, poll the model source every ``poll_seconds``, rebuild the
+item index when the catalog changed. A single writer means no races between these.
+
+Model sources (the loader is injectable):
+
+* :class:`RegistryModelSource` — ``models:/<model_name>@champion`` in MLflow;
+* :class:`LocalDirModelSource` — saved ``Recommender`` folders plus a ``CHAMPION`` pointer
+  file (tests, benchmarks, a box without MLflow);
+* :class:`InMemoryModelSource` — objects handed in directly (unit tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from serving.index import ItemIndex
+from serving.storeview import StoreView
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    def current_version(self) -> str | None:
+        """The version that should be served now (``None``: nothing to serve yet)."""
+
+    def load(self, version: str) -> tuple[Any, dict]:
+        """Load ``version``: ``(Recommender, info)``; ``info`` feeds ``GET /model``."""
+
+
+def _recommender_cls():
+    from models.recommender import Recommender
+
+    return Recommender
+
+
+class LocalDirModelSource:
+    """Model folders under ``root``; the file ``root/CHAMPION`` names the one to serve.
+
+    If ``root`` is itself a saved model (has ``config.json``) and there is no ``CHAMPION``
+    file, that model is served as version ``root.name``.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def current_version(self) -> str | None:
+        pointer = self.root / "CHAMPION"
+        if pointer.is_file():
+            v = pointer.read_text(encoding="utf-8").strip()
+            return v or None
+        if (self.root / "config.json").is_file():
+            return self.root.name
+        return None
+
+    def model_dir(self, version: str) -> Path:
+        if (self.root / "CHAMPION").is_file() or not (self.root / "config.json").is_file():
+            return self.root / version
+        return self.root
+
+    def load(self, version: str) -> tuple[Any, dict]:
+        path = self.model_dir(version)
+        model = _recommender_cls().load(path)
+        info = {"source": f"local:{path}", **_model_info(model)}
+        return model, info
+
+    def set_champion(self, version: str) -> None:
+        from recloop.store import atomic_write_bytes
+
+        if not (self.root / version).is_dir():
+            raise FileNotFoundError(f"no model folder {self.root / version}")
+        atomic_write_bytes(self.root / "CHAMPION", version.encode())
+
+
+class InMemoryModelSource:
+    """Models handed in as objects; :meth:`set` changes the champion."""
+
+    def __init__(self, model=None, version: str | None = None, info: dict | None = None):
+        self._models: dict[str, tuple[Any, dict]] = {}
+        self._current: str | None = None
+        self.loads = 0
+        if model is not None:
+            self.set(version or "1", model, info)
+
+    def set(self, version: str, model, info: dict | None = None) -> None:
+        self._models[version] = (model, dict(info or {}))
+        self._current = version
+
+    def current_version(self) -> str | None:
+        return self._current
+
+    def load(self, version: str) -> tuple[Any, dict]:
+        self.loads += 1
+        model, info = self._models[version]
+        return model, {"source": "memory", **_model_info(model), **info}
+
+
+class RegistryModelSource:
+    """``models:/<model_name>@champion`` in the workspace's MLflow registry."""
+
+    alias = "champion"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            uri = self.settings.tracking_uri
+            self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return self._client
+
+    def current_version(self) -> str | None:
+        s = self.settings
+        if s.tracking_uri.startswith("sqlite:///") and not Path(s.tracking_uri[len("sqlite:///"):]).exists():
+            return None  # no registry yet: do not create an empty database by polling
+        try:
+            mv = self.client.get_model_version_by_alias(s.model_name, self.alias)
+        except Exception as exc:  # no such model / alias yet
+            log.debug("no champion yet: %s", exc)
+            return None
+        return str(mv.version)
+
+    def load(self, version: str) -> tuple[Any, dict]:
+        from models import registry
+
+        model, loaded_version = None, version
+        if hasattr(registry, "load_version"):
+            model = registry.load_version(self.settings, version)
+            if isinstance(model, tuple):
+                model = model[0]
+        else:
+            got = registry.load_champion(self.settings)
+            if got is None:
+                raise LookupError(f"champion version {version} vanished while loading")
+            model, vinfo = got
+            loaded_version = str(getattr(vinfo, "version", None) or (vinfo.get("version") if isinstance(vinfo, dict)
+                                                                     else vinfo))
+        info = {"source": f"models:/{self.settings.model_name}@{self.alias}", **_model_info(model),
+                **self._version_info(loaded_version)}
+        info["version"] = loaded_version
+        return model, info
+
+    def _version_info(self, version: str) -> dict:
+        try:
+            mv = self.client.get_model_version(self.settings.model_name, version)
+        except Exception as exc:  # info is best effort; serving does not depend on it
+            return {"registry_error": str(exc)}
+        out: dict[str, Any] = {"run_id": mv.run_id, "tags": dict(mv.tags or {}), "aliases": list(mv.aliases or [])}
+        try:
+            run = self.client.get_run(mv.run_id)
+            out["metrics"] = dict(run.data.metrics)
+            params = run.data.params
+            for key in ("train_start", "train_end", "window_start", "window_end"):
+                if key in params:
+                    out.setdefault("trained_window", {})[key] = params[key]
+        except Exception as exc:
+            out["registry_error"] = str(exc)
+        for key in ("train_start", "train_end"):
+            if key in out["tags"]:
+                out.setdefault("trained_window", {})[key] = out["tags"][key]
+        return out
+
+
+def _model_info(model) -> dict:
+    info = getattr(model, "info", None)
+    info = dict(info) if isinstance(info, dict) else {}
+    out: dict[str, Any] = {"model_info": info}
+    window = {k: info[k] for k in ("train_start", "train_end") if k in info}
+    if "train_window" in info:
+        window["train_window"] = info["train_window"]
+    if window:
+        out["trained_window"] = window
+    if "metrics" in info:
+        out["metrics"] = info["metrics"]
+    return out
+
+
+@dataclass(frozen=True)
+class Served:
+    """Everything one request needs, swapped as a unit."""
+
+    model: Any
+    version: str
+    info: dict
+    index: ItemIndex
+    catalog_sig: Any
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
+class ModelHolder:
+    def __init__(self, source: ModelSource, view: StoreView, settings):
+        self.source = source
+        self.view = view
+        self.settings = settings
+        self.current: Served | None = None
+        self.swaps = 0
+        self.last_error: str | None = None
+        self.last_poll: float | None = None
+        self._failed: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # one maintenance step at a time (thread, admin reload, tests)
+
+    # ---- maintenance ------------------------------------------------------------------------
+    def poll_once(self) -> bool:
+        """Load and swap in the source's current version if it differs from the one served."""
+        with self._lock:
+            self.last_poll = time.time()
+            try:
+                version = self.source.current_version()
+            except Exception as exc:
+                self.last_error = f"polling the model source failed: {exc}"
+                log.warning(self.last_error)
+                return False
+            if version is None or (self.current is not None and version == self.current.version):
+                return False
+            retry_at = self._failed.get(version)
+            if retry_at is not None and time.time() < retry_at:
+                return False
+            try:
+                model, info = self.source.load(version)
+                version = str(info.get("version", version))
+                data = self.view.data
+                index = ItemIndex.build(model, data.catalog.reset_index())
+            except Exception as exc:  # keep serving the old model; try again later
+                self.last_error = f"loading version {version} failed: {type(exc).__name__}: {exc}"
+                self._failed[version] = time.time() + max(self.settings.serving.poll_seconds, 1.0) * 3
+                log.exception("loading model version %s failed", version)
+                return False
+            info = {**info, "version": version}
+            self.current = Served(model=model, version=version, info=info, index=index,
+                                  catalog_sig=data.catalog_sig)
+            self.swaps += 1
+            self.last_error = None
+            self._failed.pop(version, None)
+            log.info("serving model version %s (%d items indexed in %.1fs, %d encoded)", version, len(index),
+                     index.build_seconds, index.n_encoded)
+            return True
+
+    def refresh_data(self) -> bool:
+        """Refresh the store view; rebuild the item index (incrementally) if the catalog changed."""
+        with self._lock:
+            changed = self.view.refresh()
+            cur = self.current
+            data = self.view.data
+            if cur is None or data.catalog_sig == cur.catalog_sig:
+                return changed
+            try:
+                index = ItemIndex.build(cur.model, data.catalog.reset_index(), previous=cur.index)
+            except Exception as exc:
+                self.last_error = f"re-indexing the catalog failed: {type(exc).__name__}: {exc}"
+                log.exception("re-indexing failed")
+                return changed
+            if self.current is cur:
+                self.current = Served(model=cur.model, version=cur.version, info=cur.info, index=index,
+                                      catalog_sig=data.catalog_sig, loaded_at=cur.loaded_at)
+            log.info("item index refreshed: %d items (%d encoded)", len(index), index.n_encoded)
+            return True
+
+    def _loop(self) -> None:
+        s = self.settings.serving
+        next_poll = time.monotonic() + s.poll_seconds
+        next_refresh = time.monotonic() + s.store_refresh_seconds
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                if now >= next_refresh:
+                    self.refresh_data()
+                    next_refresh = time.monotonic() + s.store_refresh_seconds
+                if now >= next_poll:
+                    self.poll_once()
+                    next_poll = time.monotonic() + s.poll_seconds
+            except Exception:  # the thread must survive anything
+                log.exception("serving maintenance step failed")
+            wait = max(0.01, min(next_poll, next_refresh) - time.monotonic())
+            self._stop.wait(wait)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="recloop-serving-maintenance", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None

@@ -1,0 +1,209 @@
+"""One request's ranking: retrieve, re-score, diversify, explore, explain.
+
+1. **Retrieve** ``serving.candidates`` items: cosine of the user vector
+   (``Recommender.user_vectors`` from the user's history, or the query text for search)
+   against every item vector, exact (``ItemIndex.top_n``). Items the user already liked
+   are excluded from ``/recommend``. A cold-start user (no positive history) gets the
+   most popular items (smoothed like-rate x log positives, from the store) instead,
+   topped up by the model's cold user vector.
+2. **Re-score** the best ``serving.rescore`` of them with the full model
+   (``Recommender.score``: towers + point-in-time "wide" statistics). The history handed
+   to the model is the user's own events plus every event of the candidate items, so the
+   user, item and user-category statistics are the same as over the whole store, at a
+   fraction of the cost.
+3. **Order** by the model's probability; with ``serving.mmr_lambda`` set, greedy MMR over
+   item vectors trades relevance for diversity. Cold-start lists always use MMR
+   (``mmr_lambda`` or 0.7): "popular and diverse".
+4. **Explore** (``/recommend`` only): with probability ``serving.exploration_epsilon``
+   one position (uniform over the K) shows a new or rarely shown item instead; it is
+   marked ``explored`` in the answer and the impression log.
+5. **Explain**: "because you liked: <title>" (the liked item nearest to the recommended
+   one in the item space), the query words an item matches for search, "popular in
+   <category>" for cold start.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from serving.index import exploration_pool, mmr
+from serving.lifecycle import Served
+from serving.storeview import StoreData
+
+COLD_MMR_LAMBDA = 0.7
+ANONYMOUS = "__anonymous__"
+_WORD = re.compile(r"[a-z0-9]+")
+STOPWORDS = frozenset(["a", "an", "and", "the", "of", "for", "to", "in", "on", "with", "about", "my", "me", "i", "you", "is", "are", "was", "be", "how", "what", "best", "new"])
+
+
+@dataclass
+class Ranked:
+    items: list[dict]
+    cold_start: bool
+    n_candidates: int
+    explored: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+def _user_history(data: StoreData, user_id: str | None) -> pd.DataFrame:
+    return data.user_history(user_id) if user_id else data.events.iloc[0:0]
+
+
+def _liked_items(hist: pd.DataFrame) -> list[str]:
+    """The user's positive items, most recent last, unique."""
+    if hist.empty:
+        return []
+    pos = hist[hist["label"].astype(int) == 1]["item_id"].astype(str)
+    return list(dict.fromkeys(reversed(pos.tolist())))[::-1]
+
+
+def _scoring_history(data: StoreData, user_id: str | None, hist: pd.DataFrame, item_ids) -> pd.DataFrame:
+    """The user's events plus all events of ``item_ids``: exact wide statistics for these pairs."""
+    rows = [data.user_rows[user_id]] if user_id and user_id in data.user_rows else []
+    rows += [data.item_rows[i] for i in item_ids if i in data.item_rows]
+    if not rows:
+        return data.events.iloc[0:0]
+    sel = np.unique(np.concatenate(rows))
+    return data.events.iloc[sel]
+
+
+def _score(served: Served, data: StoreData, user_id: str, hist: pd.DataFrame, cand_ids: list[str],
+           query: str | None) -> np.ndarray:
+    if not cand_ids:
+        return np.empty(0, dtype=np.float64)
+    pairs = pd.DataFrame({"user_id": user_id, "item_id": cand_ids})
+    if query:
+        pairs["query"] = query
+    history = _scoring_history(data, user_id, hist, cand_ids)
+    catalog = data.catalog_for(list(cand_ids) + history["item_id"].astype(str).tolist())
+    return np.asarray(served.model.score(pairs, history, catalog), dtype=np.float64).reshape(-1)
+
+
+def _user_vector(served: Served, data: StoreData, user_id: str, hist: pd.DataFrame,
+                 query: str | None) -> np.ndarray:
+    catalog = data.catalog_for(hist["item_id"].astype(str).tolist()) if len(hist) else data.catalog_for([])
+    queries = [query] if query else None
+    vec = served.model.user_vectors([user_id], hist, catalog, queries=queries)
+    return np.asarray(vec, dtype=np.float32).reshape(-1)
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(str(text).lower()) if len(w) > 2 and w not in STOPWORDS}
+
+
+def _row_text(data: StoreData, item_id: str) -> tuple[str, str, str]:
+    row = data.catalog.loc[item_id] if item_id in data.catalog.index else None
+    if row is None:
+        return item_id, "", ""
+    tags = row.get("tags") if hasattr(row, "get") else None
+    return (str(row["title"]), str(row["category"]),
+            "" if tags is None or pd.isna(tags) else str(tags))
+
+
+def _item_payload(data: StoreData, item_id: str) -> dict:
+    title, category, _ = _row_text(data, item_id)
+    return {"item_id": item_id, "title": title, "category": category}
+
+
+def _order(scores: np.ndarray, vectors: np.ndarray, k: int, lam: float | None) -> np.ndarray:
+    if lam is not None and len(scores) > 1:
+        return mmr(scores, vectors, k, lam)
+    return np.argsort(-scores, kind="stable")[:k]
+
+
+def _pick_exploration(served: Served, data: StoreData, settings, rng, taken: set[int]) -> int | None:
+    pool = exploration_pool(served.index, data.shown, settings.serving.exploration_max_shown)
+    if len(pool) == 0:
+        return None
+    pool = pool[~np.isin(pool, np.fromiter(taken, dtype=np.int64, count=len(taken)))] if taken else pool
+    if len(pool) == 0:
+        return None
+    return int(pool[rng.integers(len(pool))])
+
+
+def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, rng: np.random.Generator) -> Ranked:
+    s = settings.serving
+    index = served.index
+    hist = _user_history(data, user_id)
+    liked = _liked_items(hist)
+    liked_rows = index.rows_of(liked)
+    cold = len(liked_rows) == 0
+    if cold:
+        pop = data.popularity()
+        pop_rows = index.rows_of([i for i in pop.index[: s.candidates]])
+        cand_rows = list(pop_rows)
+        if len(cand_rows) < s.candidates:
+            extra, _ = index.top_n(_user_vector(served, data, user_id, hist, None), s.candidates)
+            seen = set(cand_rows)
+            cand_rows += [r for r in extra if r not in seen][: s.candidates - len(cand_rows)]
+        cand_rows = np.asarray(cand_rows, dtype=np.int64)
+    else:
+        cand_rows, _ = index.top_n(_user_vector(served, data, user_id, hist, None), s.candidates,
+                                   exclude=liked_rows)
+    n_cand = len(cand_rows)
+    cand_rows = cand_rows[: s.rescore]
+
+    explore_row = None
+    if s.exploration_epsilon > 0 and k > 0 and rng.random() < s.exploration_epsilon:
+        explore_row = _pick_exploration(served, data, settings, rng, set(cand_rows[:k].tolist()) | set(liked_rows.tolist()))
+    score_rows = cand_rows if explore_row is None else np.append(cand_rows, explore_row)
+    scores = _score(served, data, user_id, hist, [str(index.item_ids[r]) for r in score_rows], None)
+    cand_scores = scores[: len(cand_rows)]
+
+    lam = s.mmr_lambda if s.mmr_lambda is not None else (COLD_MMR_LAMBDA if cold else None)
+    picked = _order(cand_scores, index.vectors[cand_rows], k, lam)
+    final = [(int(cand_rows[j]), float(cand_scores[j]), False) for j in picked]
+    if explore_row is not None:
+        pos = int(rng.integers(min(k, len(final) + 1)))
+        if len(final) >= k:
+            final.pop()  # the exploration item takes the place of the last ranked one
+        final.insert(pos, (explore_row, float(scores[-1]), True))
+
+    liked_vecs = index.vectors[liked_rows[-20:]] if len(liked_rows) else None
+    liked_titles = [_row_text(data, str(index.item_ids[r]))[0] for r in liked_rows[-20:]]
+    items = []
+    for rank, (row, score, explored) in enumerate(final, start=1):
+        iid = str(index.item_ids[row])
+        payload = _item_payload(data, iid)
+        if explored:
+            reason = f"new to you and rarely shown ({payload['category']}): exploring"
+        elif cold:
+            reason = f"popular in {payload['category']}" if iid in data.positives.index else \
+                f"a good start in {payload['category']}"
+        else:
+            sims = liked_vecs @ index.vectors[row]
+            reason = f"because you liked: {liked_titles[int(np.argmax(sims))]}"
+        items.append({**payload, "score": round(score, 6), "rank": rank, "reason": reason, "explored": explored})
+    return Ranked(items=items, cold_start=cold, n_candidates=n_cand, explored=explore_row is not None)
+
+
+def search(served: Served, data: StoreData, settings, query: str, user_id: str | None, k: int,
+           rng: np.random.Generator) -> Ranked:
+    s = settings.serving
+    index = served.index
+    uid = user_id or ANONYMOUS
+    hist = _user_history(data, user_id)
+    qvec = _user_vector(served, data, uid, hist, query)
+    cand_rows, _ = index.top_n(qvec, s.candidates)
+    n_cand = len(cand_rows)
+    cand_rows = cand_rows[: s.rescore]
+    scores = _score(served, data, uid, hist, [str(index.item_ids[r]) for r in cand_rows], query)
+    picked = _order(scores, index.vectors[cand_rows], k, s.mmr_lambda)
+    qwords = _words(query)
+    items = []
+    for rank, j in enumerate(picked, start=1):
+        iid = str(index.item_ids[cand_rows[j]])
+        payload = _item_payload(data, iid)
+        title, category, tags = _row_text(data, iid)
+        matched = sorted(qwords & (_words(title) | _words(category) | _words(tags)))
+        if matched:
+            reason = f"matches: {', '.join(matched[:4])} ({category})"
+        else:
+            reason = f"close in meaning to your query ({category})"
+        items.append({**payload, "score": round(float(scores[j]), 6), "rank": rank, "reason": reason,
+                      "explored": False})
+    return Ranked(items=items, cold_start=len(_liked_items(hist)) == 0, n_candidates=n_cand)

@@ -1,0 +1,227 @@
+"""Serving pieces in isolation: store view, item index, MMR, exploration, ranking, feedback writer, limits."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.feedback import FeedbackWriter, ImpressionLog, read_impressions
+from serving.index import ItemIndex, exploration_pool, mmr
+from serving.lifecycle import InMemoryModelSource, LocalDirModelSource, ModelHolder
+from serving.security import RateLimiter
+from serving.storeview import StoreView
+from tests.conftest_serving import TextHashRecommender, catalog_frame, world  # noqa: F401
+
+
+def _event(eid, user="u9", item="sci0", etype="click", ts="2026-01-06T10:00:00+00:00"):
+    return {"event_id": eid, "user_id": user, "item_id": item, "event_type": etype,
+            "label": 1 if etype in ("click", "like", "purchase") else 0, "timestamp": pd.Timestamp(ts),
+            "query": None, "model_version": "1"}
+
+
+# ---- store view -------------------------------------------------------------------------------
+def test_store_view_reads_incrementally_and_sees_catalog_changes(world):
+    settings, store, cat = world
+    view = StoreView(settings.store_dir)
+    assert view.refresh() is True
+    d = view.data
+    assert len(d.events) == len(store.read())
+    assert set(d.user_history("u1")["item_id"]) == {"sci0", "sci1", "sci2"}
+    assert d.shown["jaz0"] == 10 and "jaz0" not in d.positives.index
+    assert view.refresh() is False  # nothing changed: no work
+    store.append(pd.DataFrame([_event("new1", user="u1", item="jaz3")]), batch_id="b2")
+    assert view.refresh() is True
+    assert "jaz3" in set(view.data.user_history("u1")["item_id"])
+    assert len(view.data.events) == len(store.read())
+    new = cat.iloc[[0]].assign(item_id="brandnew", title="Quantum nebula atlas")
+    store.upsert_catalog(new)
+    assert view.refresh() is True and "brandnew" in view.data.catalog.index
+
+
+def test_popularity_prefers_liked_and_shown_items(world):
+    settings, _, _ = world
+    view = StoreView(settings.store_dir)
+    view.refresh()
+    pop = view.data.popularity()
+    assert pop.index[0] in {"coo0", "coo1"}
+    assert pop["jaz0"] == 0.0  # shown ten times, never liked
+
+
+# ---- index ------------------------------------------------------------------------------------
+def test_index_top_n_is_exact_and_rebuild_reuses_vectors():
+    model = TextHashRecommender()
+    cat = catalog_frame()
+    idx = ItemIndex.build(model, cat)
+    assert len(idx) == len(cat) and idx.n_encoded == len(cat)
+    q = idx.vectors[idx.row["sci3"]]
+    rows, sims = idx.top_n(q, 5)
+    brute = np.argsort(-(idx.vectors @ q), kind="stable")[:5]
+    assert rows[0] == idx.row["sci3"] and set(rows) == set(brute)
+    assert np.all(np.diff(sims) <= 1e-6)
+    rows2, _ = idx.top_n(q, 5, exclude=np.array([idx.row["sci3"]]))
+    assert idx.row["sci3"] not in rows2
+    # a new item and an edited one are the only ones encoded on rebuild
+    cat2 = pd.concat([cat, cat.iloc[[0]].assign(item_id="fresh", title="Trumpet galaxy")], ignore_index=True)
+    cat2.loc[cat2["item_id"] == "jaz1", "title"] = "Completely different words"
+    idx2 = ItemIndex.build(model, cat2, previous=idx)
+    assert idx2.n_encoded == 2 and "fresh" in idx2.row
+    np.testing.assert_allclose(idx2.vectors[idx2.row["sci0"]], idx.vectors[idx.row["sci0"]])
+
+
+def test_mmr_trades_relevance_for_diversity():
+    v = np.array([[1, 0], [0.99, 0.141], [0, 1]], dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    rel = np.array([1.0, 0.95, 0.5])
+    assert list(mmr(rel, v, 2, lam=1.0)) == [0, 1]  # pure relevance
+    assert list(mmr(rel, v, 2, lam=0.5)) == [0, 2]  # the near-duplicate is skipped
+    assert len(mmr(rel, v, 10, lam=0.5)) == 3
+
+
+def test_exploration_pool_is_new_or_rarely_shown():
+    idx = ItemIndex.build(TextHashRecommender(), catalog_frame())
+    shown = pd.Series({iid: 50 for iid in idx.item_ids})
+    shown["coo1"], shown["jaz2"] = 0, 1
+    shown = shown.drop("sci5")  # never shown at all
+    pool = {idx.item_ids[r] for r in exploration_pool(idx, shown, max_shown=1)}
+    assert pool == {"coo1", "jaz2", "sci5"}
+
+
+# ---- ranking ----------------------------------------------------------------------------------
+@pytest.fixture
+def holder(world):
+    settings, store, _ = world
+    view = StoreView(settings.store_dir)
+    view.refresh(force=True)
+    model = TextHashRecommender()
+    h = ModelHolder(InMemoryModelSource(model, "7"), view, settings)
+    assert h.poll_once() is True
+    return h
+
+
+def test_recommend_uses_history_excludes_liked_and_explains(holder):
+    from serving import ranking
+
+    served, data = holder.current, holder.view.data
+    r = ranking.recommend(served, data, holder.settings, "u1", 5, np.random.default_rng(0))
+    ids = [it["item_id"] for it in r.items]
+    assert not r.cold_start and len(ids) == 5
+    assert not {"sci0", "sci1", "sci2"} & set(ids)  # already liked
+    assert ids[0].startswith("sci")  # likes science fiction
+    assert all(it["reason"].startswith("because you liked: ") for it in r.items)
+    assert [it["rank"] for it in r.items] == [1, 2, 3, 4, 5]
+    scores = [it["score"] for it in r.items]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_cold_start_user_gets_popular_and_diverse(holder):
+    from serving import ranking
+
+    r = ranking.recommend(holder.current, holder.view.data, holder.settings, "nobody", 6, np.random.default_rng(0))
+    assert r.cold_start
+    cats = [it["category"] for it in r.items]
+    assert r.items[0]["item_id"] in {"coo0", "coo1"}  # the most popular first
+    assert len(set(cats)) >= 2  # MMR spreads a cold list over categories
+    assert any(it["reason"].startswith("popular in") for it in r.items)
+
+
+def test_exploration_slot_is_marked(holder):
+    from serving import ranking
+
+    holder.settings.serving.exploration_epsilon = 1.0
+    holder.settings.serving.exploration_max_shown = 0
+    r = ranking.recommend(holder.current, holder.view.data, holder.settings, "u1", 5, np.random.default_rng(1))
+    explored = [it for it in r.items if it["explored"]]
+    assert len(explored) == 1 and len(r.items) == 5
+    assert holder.view.data.shown.get(explored[0]["item_id"], 0) == 0
+    assert "exploring" in explored[0]["reason"]
+
+
+def test_search_matches_query_words(holder):
+    from serving import ranking
+
+    r = ranking.search(holder.current, holder.view.data, holder.settings, "saxophone bebop", None, 3,
+                       np.random.default_rng(0))
+    assert r.items[0]["category"] == "jazz"
+    assert "saxophone" in r.items[0]["reason"] or "bebop" in r.items[0]["reason"]
+
+
+def test_holder_swaps_versions_and_indexes_new_catalog_items(holder, world):
+    settings, store, cat = world
+    source = holder.source
+    old = holder.current
+    source.set("8", TextHashRecommender(bias=1.0))
+    assert holder.poll_once() is True and holder.current.version == "8" and old.version == "7"
+    assert holder.poll_once() is False  # same version: nothing to do
+    store.upsert_catalog(cat.iloc[[0]].assign(item_id="launch1", title="Esports arena tournament"))
+    assert holder.refresh_data() is True
+    assert "launch1" in holder.current.index.row and holder.current.index.n_encoded == 1
+
+
+def test_holder_keeps_serving_when_a_load_fails(holder):
+    class Broken(InMemoryModelSource):
+        def load(self, version):
+            raise OSError("disk gone")
+
+    good = holder.current
+    holder.source = Broken(TextHashRecommender(), "9")
+    assert holder.poll_once() is False
+    assert holder.current is good and "disk gone" in holder.last_error
+
+
+def test_local_dir_source_reads_champion_pointer(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    src = LocalDirModelSource(tmp_path)
+    assert src.current_version() is None
+    src.set_champion("a")
+    assert src.current_version() == "a"
+    src.set_champion("b")
+    assert src.current_version() == "b" and src.model_dir("b") == tmp_path / "b"
+    with pytest.raises(FileNotFoundError):
+        src.set_champion("zzz")
+
+
+# ---- feedback writer ----------------------------------------------------------------------------
+def test_feedback_writer_is_idempotent_across_threads_and_restarts(settings):
+    rows = [_event(f"x{i}") for i in range(5)]
+    w = FeedbackWriter(settings.landing_dir, settings.state_dir / "serving")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(w.write(rows))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.accepted for r in results) == 5 and sum(r.duplicates for r in results) == 35
+    files = list(settings.landing_dir.glob("serving-*.parquet"))
+    assert len(files) == 1
+    landed = pd.read_parquet(files[0])
+    from recloop.schema import FEEDBACK_COLUMNS
+
+    assert list(landed.columns) == list(FEEDBACK_COLUMNS) and sorted(landed["event_id"]) == [f"x{i}" for i in range(5)]
+    w2 = FeedbackWriter(settings.landing_dir, settings.state_dir / "serving")  # a restarted server
+    assert w2.write(rows + [_event("x5")]).accepted == 1
+
+
+def test_impression_log_round_trip(settings):
+    log = ImpressionLog(settings.root / "impressions")
+    log.log([{"impression_id": "i1", "timestamp": "2026-01-06T00:00:00+00:00", "item_id": "a", "rank": 1,
+              "explored": False}, {"impression_id": "i1", "timestamp": "2026-01-06T00:00:00+00:00",
+                                   "item_id": "b", "rank": 2, "explored": True}])
+    assert log.flush() == 2
+    df = read_impressions(settings)
+    assert list(df["item_id"]) == ["a", "b"] and list(df["explored"]) == [False, True]
+
+
+def test_rate_limiter_token_bucket():
+    now = [0.0]
+    lim = RateLimiter(60, clock=lambda: now[0])  # one per second, burst 60
+    assert lim.try_acquire({"u": 60})[0]
+    ok, retry = lim.try_acquire({"u": 1})
+    assert not ok and retry >= 1.0
+    assert lim.try_acquire({"v": 1})[0]  # per user
+    now[0] = 5.0
+    assert lim.try_acquire({"u": 5})[0] and not lim.try_acquire({"u": 1})[0]
+    assert not lim.try_acquire({"w": 61})[0]  # more than the burst at once
