@@ -1,0 +1,188 @@
+"""``train_recommender``: a store window in, a trained :class:`Recommender` out.
+
+The Lightning ``Trainer`` gets ``precision`` / ``accelerator`` / ``devices`` / ``strategy``
+from ``settings.training``; it writes nothing into the working directory (no loggers,
+no progress bars, its root is a temporary folder). The best weights by validation AUC
+are exported as safetensors by :class:`BestWeights` (Lightning's ``ModelCheckpoint``
+writes pickled ``.ckpt`` files, which this project never loads), together with the
+per-epoch history, so that spawned DDP workers hand them back through files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from models import _quiet  # noqa: F401  (before lightning is imported)
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, EarlyStopping
+
+from models.data import RecDataModule
+from models.features import WIDE_COLUMNS
+from models.module import RecommenderModule
+from models.network import TextEncoder, TextSource, TwoTowerWide, default_encoder_path, parse_mode
+from models.recommender import Recommender, model_config
+
+
+@dataclass
+class TrainedModel:
+    model: Recommender
+    history: list[dict] = field(default_factory=list)  # one dict per epoch: epoch, train_loss, val_loss, val_auc
+    seconds: float = 0.0
+    n_train: int = 0
+    n_val: int = 0
+    best_val_auc: float | None = None
+    train_start: pd.Timestamp | None = None
+    train_end: pd.Timestamp | None = None
+    timings: dict = field(default_factory=dict)  # seconds per phase: features, encode, fit
+
+
+class BestWeights(Callback):
+    """Keep the best trainable weights by ``monitor`` and export them as safetensors."""
+
+    def __init__(self, directory: Path, monitor: str = "val_auc"):
+        self.directory = Path(directory)
+        self.monitor = monitor
+        self.best: float | None = None
+        self.history: list[dict] = []
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / "best.safetensors"
+
+    @property
+    def history_path(self) -> Path:
+        return self.directory / "history.json"
+
+    @staticmethod
+    def _metrics(trainer: pl.Trainer) -> dict[str, float]:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: RecommenderModule) -> None:
+        # runs after the epoch's validation: both train and validation metrics are there
+        metrics = self._metrics(trainer)
+        self.history.append({"epoch": int(trainer.current_epoch),
+                             **{k: metrics[k] for k in ("train_loss", "val_loss", "val_auc") if k in metrics}})
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.history_path.write_text(json.dumps(self.history), encoding="utf-8")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: RecommenderModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = self._metrics(trainer).get(self.monitor)
+        if value is None or (self.best is not None and value <= self.best):
+            return
+        self.best = value
+        if trainer.is_global_zero:
+            from safetensors.torch import save_file
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(pl_module), str(self.weights_path), metadata={self.monitor: str(value)})
+
+
+def trainable_state(module: RecommenderModule) -> dict[str, torch.Tensor]:
+    """Heads always; the encoder's weights too when the mode fine-tunes it."""
+    state = {f"net.{k}": v for k, v in module.net.state_dict().items()}
+    if module.texts.trains_encoder:
+        state.update({f"encoder.{k}": v for k, v in module.texts.encoder.model.state_dict().items()})
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def load_trainable_state(module: RecommenderModule, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    module.net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    enc = {k[8:]: v for k, v in state.items() if k.startswith("encoder.")}
+    if enc:
+        module.texts.encoder.model.load_state_dict(enc)
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*Trying to infer the `batch_size`.*")
+
+
+def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame | None = None,
+                      *, fast_dev_run: bool | int = False, max_epochs: int | None = None,
+                      progress_bar: bool = False, run_dir: str | Path | None = None) -> TrainedModel:
+    """Train on ``events`` (a store window) and return the best model by validation AUC.
+
+    ``users`` is accepted for the contract but not used as model input: group attributes
+    are for fairness evaluation only (``settings.training.use_group_features`` is not
+    implemented and raises).
+    """
+    cfg = settings.training
+    if cfg.use_group_features:
+        raise NotImplementedError("use_group_features=True is not supported: group attributes are evaluation-only")
+    kind, _ = parse_mode(cfg.mode)
+    _quiet_lightning()
+    t0 = time.perf_counter()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    dm = RecDataModule(events, catalog, cfg.history_len, cfg.val_fraction, cfg.batch_size, cfg.seed)
+    dm.setup("fit")
+    t_feat = time.perf_counter()
+
+    encoder_path = Path(cfg.encoder_path) if cfg.encoder_path else default_encoder_path()
+    encoder = TextEncoder(encoder_path, cfg.max_text_tokens)
+    texts = TextSource(encoder, cfg.mode, dm.items.texts, dm.query_texts)
+    t_enc = time.perf_counter()
+
+    net = TwoTowerWide(encoder.dim, cfg.embed_dim, len(dm.user_vocab), len(dm.item_vocab), len(WIDE_COLUMNS),
+                       cfg.id_embeddings, cfg.id_dropout)
+    net.set_wide_stats(dm.train_wide)
+    module = RecommenderModule(net, texts, dm.item_vocab_of_index, cfg.lr_heads, cfg.lr_encoder,
+                               cfg.weight_decay, cfg.warmup_steps)
+
+    with tempfile.TemporaryDirectory(prefix="recloop-train-") as tmp:
+        root = Path(run_dir) if run_dir else Path(tmp)
+        best = BestWeights(root / "best")
+        callbacks = [best, EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience)]
+        on_cpu = cfg.accelerator == "cpu" or not torch.cuda.is_available()
+        trainer = pl.Trainer(
+            max_epochs=max_epochs or cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+            strategy=cfg.strategy, precision=cfg.precision, deterministic=True if on_cpu else "warn",
+            logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
+            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root),
+            callbacks=callbacks, fast_dev_run=fast_dev_run, log_every_n_steps=10)
+        trainer.fit(module, datamodule=dm)
+        if best.weights_path.is_file():
+            load_trainable_state(module, best.weights_path)
+        history = json.loads(best.history_path.read_text()) if best.history_path.is_file() else best.history
+    t_fit = time.perf_counter()
+
+    aucs = [h["val_auc"] for h in history if "val_auc" in h]
+    best_auc = max(aucs) if aucs else None
+    module = module.cpu()
+    net = module.net.cpu().eval()
+    encoder.model.cpu().eval()
+    config = model_config(
+        encoder_name=str(getattr(encoder.model.config, "_name_or_path", "") or encoder_path.name),
+        mode=cfg.mode, text_dim=encoder.dim, embed_dim=cfg.embed_dim,
+        user_vocab=sorted(dm.user_vocab, key=dm.user_vocab.get), item_vocab=sorted(dm.item_vocab, key=dm.item_vocab.get),
+        history_len=cfg.history_len, max_text_tokens=cfg.max_text_tokens, prior=dm.prior,
+        id_embeddings=cfg.id_embeddings, id_dropout=cfg.id_dropout,
+        encoder_path=str(encoder_path), train_start=str(dm.train_start), train_end=str(dm.train_end),
+        val_start=str(dm.val_events["timestamp"].min()) if dm.n_val else None,
+        n_train=dm.n_train, n_val=dm.n_val, best_val_auc=best_auc, epochs=len(history), seed=cfg.seed,
+        precision=cfg.precision)
+    model = Recommender(net, encoder, config)
+    if kind == "frozen":  # reuse the vectors computed for training: no second encoding pass
+        model._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})
+        if dm.query_texts:
+            model._text_cache.update({t: v for t, v in zip(dm.query_texts, texts.query_vecs.cpu().numpy())})
+    return TrainedModel(model=model, history=history, seconds=time.perf_counter() - t0, n_train=dm.n_train,
+                        n_val=dm.n_val, best_val_auc=best_auc, train_start=dm.train_start, train_end=dm.train_end,
+                        timings={"features": t_feat - t0, "encode": t_enc - t_feat, "fit": t_fit - t_enc})
