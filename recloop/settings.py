@@ -98,7 +98,7 @@ class MonitorSettings(BaseModel):
 
     current_days: int = 7
     sample_size: int = 50_000
-    drift_share: float = 0.3  # share of drifted feature columns that triggers a retrain
+    drift_share: float = 0.4  # share of drifted feature columns that triggers a retrain (4 of 8; see monitoring/)
     max_auc_drop: float = 0.05  # live AUC below offline AUC by more than this triggers a retrain
     cooldown_minutes: int = 60
     min_new_events: int = 1_000
