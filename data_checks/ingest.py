@@ -1,0 +1,278 @@
+"""Ingest a landing file: read, validate, append good rows, move the file, record the verdict.
+
+Steps for one file (``ingest_batch``), each safe to repeat:
+
+1. ``batch_id = <file stem>-<sha256 of the content, 12 hex>``; identical content that
+   was already handled is a *skipped* duplicate delivery (moved to ``processed/duplicates/``).
+2. read (:mod:`data_checks.readers`) and validate (:mod:`data_checks.validate`); the
+   verdict (decision + the invalid row indices) is written to
+   ``state/ingest/<sha>.json`` with ``stage = "validated"`` **before** anything is
+   stored;
+3. valid rows → ``FeedbackStore.append(rows, batch_id)`` (idempotent on ``event_id``);
+4. invalid rows of a split batch → ``quarantine/<stem>.rejected.parquet`` with a
+   per-row ``_reason`` column (and its own ``.validation.json``);
+5. ``<dest>/<file>.validation.json`` written, then the file is moved with
+   ``os.replace`` (atomic) to ``processed/`` or ``quarantine/``;
+6. the state becomes ``stage = "done"``.
+
+A crash anywhere after step 2 leaves the file in ``landing/`` and the verdict in
+``state/``; the next run resumes from step 3 with the same verdict (no second
+validation that would now see the already-appended ids as "already stored"), and the
+store's idempotency keeps every event exactly once. A crash before step 2 stored
+nothing, so the re-run starts afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from filelock import FileLock
+
+from data_checks.readers import BatchReadError, read_batch
+from data_checks.validate import ValidationOutcome, clean_rows, prepare_feedback_frame, validate_frame
+from recloop.store import FeedbackStore, atomic_write_json, atomic_write_parquet
+
+STATUS_BY_DECISION = {"pass": "ingested", "split": "partial", "quarantine": "quarantined"}
+SIDECAR_SUFFIX = ".validation.json"
+REJECTED_SUFFIX = ".rejected.parquet"
+
+# Test seam: called right after the store append, before anything is moved (crash injection).
+_AFTER_APPEND = None
+
+
+@dataclass
+class IngestOutcome:
+    """What happened to one landing file; JSON-serialisable through :meth:`to_dict`."""
+
+    batch_id: str
+    source: str  # the file's name as it landed
+    status: str  # ingested | partial | quarantined | skipped
+    n_rows: int = 0
+    n_good: int = 0  # rows that passed validation and were handed to the store
+    n_new: int = 0  # rows the store did not have yet
+    n_duplicate: int = 0  # valid rows the store already had (re-run after a crash)
+    n_quarantined: int = 0
+    reasons: list[str] = field(default_factory=list)
+    reason_counts: dict[str, int] = field(default_factory=dict)
+    validation_path: str | None = None
+    data_docs: str | None = None
+    destination: str | None = None
+    quarantined_rows_path: str | None = None
+    released_from: str | None = None
+    resumed: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IngestOutcome":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# ---- small helpers -------------------------------------------------------------------------------------
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_dir(settings) -> Path:
+    d = settings.state_dir / "ingest"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _load_state(settings, sha: str) -> dict | None:
+    p = _state_dir(settings) / f"{sha}.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:  # written atomically, so this is not a torn write: ignore it
+        return None
+
+
+def _save_state(settings, sha: str, doc: dict) -> None:
+    atomic_write_json(doc, _state_dir(settings) / f"{sha}.json")
+
+
+def sidecar_path(data_path: Path) -> Path:
+    return data_path.with_name(data_path.name + SIDECAR_SUFFIX)
+
+
+def _free_name(dest: Path, sha: str) -> Path:
+    """``dest``, or ``<stem>.<sha8><suffix>`` when another file already has that name."""
+    if not dest.exists():
+        return dest
+    return dest.with_name(f"{dest.stem}.{sha[:8]}{dest.suffix}")
+
+
+def pending_batches(settings) -> list[Path]:
+    """Files waiting in ``landing/`` (hidden temp files of atomic writes excluded), oldest name first."""
+    d = settings.landing_dir
+    if not d.exists():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _find_previous(settings, name: str) -> dict | None:
+    for folder in (settings.processed_dir, settings.quarantine_dir, settings.processed_dir / "duplicates"):
+        p = folder / (name + SIDECAR_SUFFIX)
+        if p.exists():
+            return json.loads(p.read_text(encoding="utf-8"))
+    return None
+
+
+# ---- the ingest ------------------------------------------------------------------------------------------
+def ingest_batch(path: str | Path, settings, *, now=None, force: bool = False,
+                 released_from: str | None = None) -> IngestOutcome:
+    """Validate one landing file and store its valid rows; see the module docstring for the steps.
+
+    ``force`` re-validates content that was already handled (used by ``quarantine release``).
+    """
+    settings.ensure_dirs()
+    with FileLock(str(_state_dir(settings) / ".lock")):
+        return _ingest_locked(Path(path), settings, now=now, force=force, released_from=released_from)
+
+
+def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str | None) -> IngestOutcome:
+    t0 = time.perf_counter()
+    if not path.exists():
+        prev = _find_previous(settings, path.name)
+        if prev is not None:  # already moved on by an earlier run: nothing to do
+            o = IngestOutcome.from_dict(prev["outcome"])
+            return IngestOutcome(batch_id=o.batch_id, source=path.name, status="skipped", n_rows=o.n_rows,
+                                 reasons=[f"already handled: {o.status} -> {o.destination}"],
+                                 validation_path=o.validation_path, destination=o.destination)
+        raise FileNotFoundError(f"no such landing file: {path}")
+
+    sha = file_sha256(path)
+    stem = path.name[: -len(REJECTED_SUFFIX)] if path.name.endswith(REJECTED_SUFFIX) else path.stem
+    batch_id = f"{stem}-{sha[:12]}"
+    state = _load_state(settings, sha)
+    if state and state.get("stage") == "done" and not force:
+        return _skip_duplicate(path, settings, sha, batch_id, state, t0)
+
+    store = FeedbackStore.from_settings(settings)
+    resumed = bool(state and state.get("stage") == "validated" and not force)
+    v: pd.DataFrame | None = None
+    if resumed:  # crashed after the verdict was recorded: finish the job with the same verdict
+        validation = ValidationOutcome.from_dict(state["validation"])
+        if validation.decision in ("pass", "split"):
+            v = prepare_feedback_frame(_read(path), set(), [])
+            bad_idx = np.asarray(state.get("bad_rows", []), dtype=np.int64)
+            row_reasons = pd.Series("", index=range(len(v)), dtype=object)
+            row_reasons.iloc[bad_idx] = state.get("bad_reasons", [])
+            validation.row_reasons = row_reasons
+    else:
+        try:
+            df = _read(path)
+        except BatchReadError as exc:
+            validation = ValidationOutcome(success=False, decision="quarantine", n_rows=0, n_good=0, n_bad=0,
+                                           bad_share=1.0, reasons=[f"read: {exc.reason}"],
+                                           reason_counts={"read": 1})
+        else:
+            v = prepare_feedback_frame(df, store.event_ids(), store.catalog()["item_id"].astype(str).to_numpy())
+            validation = validate_frame(v, settings, now=now, run_name=batch_id)
+        bad = np.flatnonzero(~validation.good_mask) if validation.decision == "split" else np.array([], int)
+        _save_state(settings, sha, {
+            "stage": "validated", "batch_id": batch_id, "source": path.name, "validation": validation.to_dict(),
+            "bad_rows": bad.tolist(),
+            "bad_reasons": validation.row_reasons.iloc[bad].tolist() if len(bad) else [],
+        })
+
+    out = IngestOutcome(batch_id=batch_id, source=path.name, status=STATUS_BY_DECISION[validation.decision],
+                        n_rows=validation.n_rows, n_good=validation.n_good, n_quarantined=validation.n_bad,
+                        reasons=list(validation.reasons), reason_counts=dict(validation.reason_counts),
+                        data_docs=validation.data_docs, released_from=released_from, resumed=resumed)
+    if validation.decision in ("pass", "split") and v is not None:
+        mask = validation.good_mask
+        res = store.append(clean_rows(v, mask), batch_id=batch_id)
+        out.n_new, out.n_duplicate = res.n_new, res.n_duplicate
+        if _AFTER_APPEND is not None:
+            _AFTER_APPEND()
+        if validation.decision == "split":
+            out.quarantined_rows_path = str(_write_rejected(v, ~mask, validation, settings, stem, batch_id, out))
+
+    dest_dir = settings.quarantine_dir if validation.decision == "quarantine" else settings.processed_dir
+    dest = path if path.parent.resolve() == dest_dir.resolve() else _free_name(dest_dir / path.name, sha)
+    out.destination = str(dest)
+    out.validation_path = str(sidecar_path(dest))
+    out.seconds = round(time.perf_counter() - t0, 3)
+    atomic_write_json({"outcome": out.to_dict(), "validation": validation.to_dict(),
+                       "bad_row_sample": _bad_sample(v, validation)}, sidecar_path(dest))
+    if dest != path:
+        os.replace(path, dest)  # atomic on one filesystem; the workspace is one folder
+        old_sidecar = sidecar_path(path)
+        if old_sidecar.exists():  # a released file leaves its old verdict behind
+            old_sidecar.unlink()
+    _save_state(settings, sha, {"stage": "done", "batch_id": batch_id, "source": path.name,
+                                "status": out.status, "destination": str(dest)})
+    return out
+
+
+def _read(path: Path) -> pd.DataFrame:
+    df = read_batch(path)
+    if path.name.endswith(REJECTED_SUFFIX):  # a released rows file: its reason column is ours, not data
+        df = df.drop(columns=["_reason"], errors="ignore")
+    return df
+
+
+def _bad_sample(v: pd.DataFrame | None, validation: ValidationOutcome, k: int = 20) -> list[dict]:
+    if v is None or validation.row_reasons is None:
+        return []
+    bad = np.flatnonzero((validation.row_reasons != "").to_numpy())[:k]
+    cols = [c for c in ("event_id", "user_id", "item_id", "event_type", "label", "timestamp") if c in v.columns]
+    rows = v.iloc[bad][cols].astype(object).where(v.iloc[bad][cols].notna(), None)
+    return [{"row": int(i), **{c: (None if r[c] is None else str(r[c])) for c in cols},
+             "reason": validation.row_reasons.iat[i]} for i, (_, r) in zip(bad, rows.iterrows())]
+
+
+def _write_rejected(v, bad_mask, validation, settings, stem, batch_id, out) -> Path:
+    from recloop.schema import FEEDBACK_COLUMNS
+
+    rows = v.loc[bad_mask, [c for c in FEEDBACK_COLUMNS if c in v.columns]].copy()
+    rows["_reason"] = validation.row_reasons[bad_mask].to_numpy()
+    for c in rows.columns:  # mixed object columns must survive Parquet: keep them as text
+        if rows[c].dtype == object:
+            rows[c] = rows[c].astype("string")
+    path = settings.quarantine_dir / f"{stem}{REJECTED_SUFFIX}"
+    if path.exists():
+        path = path.with_name(f"{stem}.{batch_id[-12:]}{REJECTED_SUFFIX}")
+    atomic_write_parquet(rows, path)
+    rows_outcome = IngestOutcome(batch_id=f"{batch_id}-rejected", source=out.source, status="quarantined",
+                                 n_rows=len(rows), n_quarantined=len(rows), reasons=list(validation.reasons),
+                                 reason_counts=dict(validation.reason_counts), destination=str(path),
+                                 validation_path=str(sidecar_path(path)), data_docs=validation.data_docs)
+    atomic_write_json({"outcome": rows_outcome.to_dict(), "validation": validation.to_dict(), "kind": "rows",
+                       "parent_batch_id": batch_id}, sidecar_path(path))
+    return path
+
+
+def _skip_duplicate(path: Path, settings, sha: str, batch_id: str, state: dict, t0: float) -> IngestOutcome:
+    dup_dir = settings.processed_dir / "duplicates"
+    dup_dir.mkdir(parents=True, exist_ok=True)
+    dest = _free_name(dup_dir / path.name, sha)
+    out = IngestOutcome(batch_id=batch_id, source=path.name, status="skipped",
+                        reasons=[f"identical content already handled as {state.get('batch_id')} "
+                                 f"({state.get('status')}, {state.get('destination')}); nothing stored"],
+                        destination=str(dest), validation_path=str(sidecar_path(dest)),
+                        seconds=round(time.perf_counter() - t0, 3))
+    atomic_write_json({"outcome": out.to_dict()}, sidecar_path(dest))
+    os.replace(path, dest)
+    return out
+
+
+def ingest_all(settings, *, now=None) -> list[IngestOutcome]:
+    """Ingest every pending landing file, in name order (daily batches land with sortable names)."""
+    return [ingest_batch(p, settings, now=now) for p in pending_batches(settings)]
