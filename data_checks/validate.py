@@ -239,7 +239,8 @@ def validate_frame(v: pd.DataFrame, settings, *, now=None, run_name: str | None 
     batch_failed = [o for o in outs if o.severity == BATCH and not o.success and not o.error]
     for o in batch_failed:
         p = params
-        reasons.append(f"batch: {o.rule}: observed {float(o.observed):.3f} outside "
+        obs = "n/a" if o.observed is None else f"{float(o.observed):.3f}"
+        reasons.append(f"batch: {o.rule}: observed {obs} outside "
                        f"[{p['like_rate_min']}, {p['like_rate_max']}] ({o.guards})"
                        if o.rule == "like_rate" else f"batch: {o.rule} failed ({o.guards})")
         counts[o.rule] = 1
