@@ -12,7 +12,6 @@ Everything a request needs is read once at its start (``holder.current``,
 ``view.data``), so background swaps never change a response half-way.
 """
 
-from __future__ import annotations
 
 import logging
 import threading

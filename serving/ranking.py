@@ -85,7 +85,10 @@ def _score(served: Served, data: StoreData, user_id: str, hist: pd.DataFrame, ca
 
 def _user_vector(served: Served, data: StoreData, user_id: str, hist: pd.DataFrame,
                  query: str | None) -> np.ndarray:
-    catalog = data.catalog_for(hist["item_id"].astype(str).tolist()) if len(hist) else data.catalog_for([])
+    ids = hist["item_id"].astype(str).tolist() if len(hist) else []
+    if not ids and len(data.catalog):  # the model wants a non-empty catalog even for a user without history
+        ids = [str(data.catalog.index[0])]
+    catalog = data.catalog_for(ids)
     queries = [query] if query else None
     vec = served.model.user_vectors([user_id], hist, catalog, queries=queries)
     return np.asarray(vec, dtype=np.float32).reshape(-1)
