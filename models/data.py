@@ -19,7 +19,7 @@ import pandas as pd
 from models import _quiet  # noqa: F401  (before lightning is imported)
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from models.features import point_in_time_features
 from recloop.schema import item_text
@@ -114,6 +114,29 @@ def example_tensors(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataF
 BATCH_KEYS = ("user", "item", "hist", "query", "wide", "label")
 
 
+class TensorBatches(Dataset):
+    """In-memory tensors fetched a whole batch at a time (``__getitems__``): one fancy index per
+    tensor instead of per-example lookups and a collate. Works with any sampler, including the
+    ``DistributedSampler`` Lightning injects under DDP."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[idx] for t in self.tensors)
+
+
+def _as_batch(batch):
+    return batch
+
+
 class RecDataModule(pl.LightningDataModule):
     """Tensors built once in :meth:`setup`; loaders are plain in-memory ``TensorDataset``s."""
 
@@ -158,16 +181,17 @@ class RecDataModule(pl.LightningDataModule):
     def train_wide(self) -> np.ndarray:
         return self.tensors["train"]["wide"].numpy()
 
-    def _dataset(self, name: str) -> TensorDataset:
+    def _dataset(self, name: str) -> TensorBatches:
         t = self.tensors[name]
-        return TensorDataset(*(t[k] for k in BATCH_KEYS))
+        return TensorBatches(*(t[k] for k in BATCH_KEYS))
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self._dataset("train"), batch_size=self.batch_size, shuffle=True, generator=g,
-                          num_workers=0, drop_last=False)
+                          num_workers=0, drop_last=False, collate_fn=_as_batch)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("val"), batch_size=max(self.batch_size, 1024), shuffle=False, num_workers=0)
+        return DataLoader(self._dataset("val"), batch_size=max(self.batch_size, 1024), shuffle=False, num_workers=0,
+                          collate_fn=_as_batch)
 
 

@@ -116,7 +116,8 @@ def _quiet_lightning() -> None:
 
 def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame | None = None,
                       *, fast_dev_run: bool | int = False, max_epochs: int | None = None,
-                      progress_bar: bool = False, run_dir: str | Path | None = None) -> TrainedModel:
+                      progress_bar: bool = False, run_dir: str | Path | None = None,
+                      callbacks: list[Callback] | None = None) -> TrainedModel:
     """Train on ``events`` (a store window) and return the best model by validation AUC.
 
     ``users`` is accepted for the contract but not used as model input: group attributes
@@ -149,15 +150,24 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
     with tempfile.TemporaryDirectory(prefix="recloop-train-") as tmp:
         root = Path(run_dir) if run_dir else Path(tmp)
         best = BestWeights(root / "best")
-        callbacks = [best, EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience)]
+        callbacks = [best, EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience), *(callbacks or [])]
         on_cpu = cfg.accelerator == "cpu" or not torch.cuda.is_available()
+        threads = cfg.fit_threads or (1 if kind == "frozen" else 0)
+        saved_threads = torch.get_num_threads()
+        if on_cpu and threads:
+            # the frozen-mode step is many small ops: on a shared 2-core box one thread is
+            # several times faster than two spin-waiting ones (the encoder pass above used all)
+            torch.set_num_threads(threads)
         trainer = pl.Trainer(
             max_epochs=max_epochs or cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
             strategy=cfg.strategy, precision=cfg.precision, deterministic=True if on_cpu else "warn",
             logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
             enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root),
             callbacks=callbacks, fast_dev_run=fast_dev_run, log_every_n_steps=10)
-        trainer.fit(module, datamodule=dm)
+        try:
+            trainer.fit(module, datamodule=dm)
+        finally:
+            torch.set_num_threads(saved_threads)
         if best.weights_path.is_file():
             load_trainable_state(module, best.weights_path)
         history = json.loads(best.history_path.read_text()) if best.history_path.is_file() else best.history

@@ -57,6 +57,7 @@ class TrainingSettings(BaseModel):
     strategy: str = "auto"  # "ddp" for several GPUs or nodes
     seed: int = 42
     use_group_features: bool = False  # group attributes are for fairness evaluation only
+    fit_threads: int = 0  # torch CPU threads while fitting the heads; 0 = auto (1 in frozen mode: small ops, shared cores)
 
 
 class RetrainSettings(BaseModel):
