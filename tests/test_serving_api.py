@@ -68,6 +68,22 @@ def served(settings, tiny_world, tiny_models, tmp_path):
         yield client, app, source, settings
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_world, tiny_models):
+    """One read-mostly server for the bad-input tests (they must not write anything)."""
+    from recloop.settings import load_settings
+
+    root = tmp_path_factory.mktemp("shared")
+    settings = load_settings(root / "ws").ensure_dirs()
+    store = FeedbackStore.from_settings(settings)
+    store.upsert_catalog(tiny_world.catalog)
+    store.append(tiny_world.events, batch_id="world")
+    shutil.copytree(tiny_models, root / "models")
+    app = create_app(settings, model_source=LocalDirModelSource(root / "models"), start_background=False)
+    with TestClient(app) as client:
+        yield client, app, None, settings
+
+
 def _event(eid, user="u0001", item=None, etype="click", **kw):
     return {"event_id": eid, "user_id": user, "item_id": item, "event_type": etype,
             "timestamp": "2026-01-18T10:00:00+00:00", **kw}
@@ -204,6 +220,7 @@ def test_concurrent_duplicate_feedback_is_stored_once(served):
     assert sorted(landed["event_id"]) == sorted(e["event_id"] for e in batch["events"])
 
 
+@pytest.mark.slow
 def test_landed_feedback_passes_the_ingest_checks(served):
     dc = pytest.importorskip("data_checks.ingest", reason="data_checks room not built yet")
     client, _, _, settings = served
@@ -236,8 +253,8 @@ def test_landed_feedback_passes_the_ingest_checks(served):
     ("just a string", "not an object"),
     ({"events": [{"event_id": "x"}]}, "incomplete event in batch"),
 ])
-def test_bad_feedback_is_422_and_nothing_lands(served, payload, why):
-    client, _, _, settings = served
+def test_bad_feedback_is_422_and_nothing_lands(shared, payload, why):
+    client, _, _, settings = shared
     item = _an_item(settings)
     body = json.dumps(payload).replace("ITEM", item)
     r = client.post("/feedback", content=body, headers={"content-type": "application/json"})
@@ -246,16 +263,16 @@ def test_bad_feedback_is_422_and_nothing_lands(served, payload, why):
     assert not list(settings.landing_dir.glob("serving-*"))
 
 
-def test_malformed_and_deeply_nested_json_is_422_not_500(served):
-    client, *_ = served
+def test_malformed_and_deeply_nested_json_is_422_not_500(shared):
+    client, *_ = shared
     for body in (b"{not json", b"[" * 100_000 + b"]" * 100_000, b'{"events": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                  b"", b'{"event_id": "a", "user_id": ' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}"):
         r = client.post("/feedback", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 422, (body[:30], r.status_code, r.text[:200])
 
 
-def test_huge_body_is_413(served):
-    client, _, _, settings = served
+def test_huge_body_is_413(shared):
+    client, _, _, settings = shared
     big = b'{"events": [' + b" " * (settings.serving.max_body_bytes + 10) + b"]}"
     r = client.post("/feedback", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413
@@ -268,8 +285,8 @@ def test_huge_body_is_413(served):
     assert r.status_code == 413
 
 
-def test_too_many_events_in_one_batch_is_422(served):
-    client, _, _, settings = served
+def test_too_many_events_in_one_batch_is_422(shared):
+    client, _, _, settings = shared
     item = _an_item(settings)
     n = settings.serving.max_batch_events + 1
     r = client.post("/feedback", json={"events": [_event(f"m{i}", item=item) for i in range(n)]})
@@ -278,13 +295,13 @@ def test_too_many_events_in_one_batch_is_422(served):
 
 @pytest.mark.parametrize("params", [{"user_id": "u1", "k": "ten"}, {"user_id": "u1", "k": 0}, {"user_id": "u1", "k": 10_000},
                                     {}, {"user_id": ""}, {"user_id": "x" * 500}, {"user_id": "bad id\n"}])
-def test_bad_recommend_params_are_422(served, params):
-    client, *_ = served
+def test_bad_recommend_params_are_422(shared, params):
+    client, *_ = shared
     assert client.get("/recommend", params=params).status_code == 422
 
 
-def test_bad_search_params_are_422(served):
-    client, *_ = served
+def test_bad_search_params_are_422(shared):
+    client, *_ = shared
     assert client.get("/search", params={"q": "   "}).status_code == 422
     assert client.get("/search", params={"q": "x" * 10_000}).status_code == 422
     assert client.get("/search").status_code == 422
