@@ -17,6 +17,24 @@ from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, 
 app = typer.Typer(help="recloop: a self-retraining BERT recommender (Prefect, GX, Evidently, Lightning, MLflow).",
                   no_args_is_help=True, add_completion=False)
 
+# Defaults for every command: offline model loading, no Prefect analytics, and a patient
+# ephemeral Prefect server (its 20 s default is too short on a busy 2-core machine).
+PROCESS_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+@app.callback()
+def _defaults() -> None:
+    import os
+
+    for key, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 ROOM_COMMANDS = ("data_checks.commands", "models.commands", "models.registry_commands", "monitoring.commands", "flows.commands",
                  "serving.commands", "replay.commands")
 
