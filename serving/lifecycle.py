@@ -111,72 +111,46 @@ class InMemoryModelSource:
 
 
 class RegistryModelSource:
-    """``models:/<model_name>@champion`` in the workspace's MLflow registry."""
+    """``models:/<model_name>@champion`` in the workspace's MLflow registry (``models.registry``)."""
 
     alias = "champion"
 
     def __init__(self, settings):
         self.settings = settings
-        self._client = None
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            uri = self.settings.tracking_uri
-            self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        return self._client
 
     def current_version(self) -> str | None:
-        s = self.settings
-        if s.tracking_uri.startswith("sqlite:///") and not Path(s.tracking_uri[len("sqlite:///"):]).exists():
-            return None  # no registry yet: do not create an empty database by polling
-        try:
-            mv = self.client.get_model_version_by_alias(s.model_name, self.alias)
-        except Exception as exc:  # no such model / alias yet
-            log.debug("no champion yet: %s", exc)
-            return None
-        return str(mv.version)
+        from models import registry
+
+        return registry.champion_version(self.settings)  # None: no registry / model / alias yet
 
     def load(self, version: str) -> tuple[Any, dict]:
         from models import registry
 
-        model, loaded_version = None, version
-        if hasattr(registry, "load_version"):
-            model = registry.load_version(self.settings, version)
-            if isinstance(model, tuple):
-                model = model[0]
-        else:
-            got = registry.load_champion(self.settings)
-            if got is None:
-                raise LookupError(f"champion version {version} vanished while loading")
-            model, vinfo = got
-            loaded_version = str(getattr(vinfo, "version", None) or (vinfo.get("version") if isinstance(vinfo, dict)
-                                                                     else vinfo))
-        info = {"source": f"models:/{self.settings.model_name}@{self.alias}", **_model_info(model),
-                **self._version_info(loaded_version)}
-        info["version"] = loaded_version
+        model, vinfo = registry.load_version(self.settings, version)
+        info = {"source": f"models:/{self.settings.model_name}@{self.alias}", **_model_info(model)}
+        info.update({k: v for k, v in vinfo.items() if k not in ("version",)})
+        info["version"] = str(vinfo.get("version", version))
+        run = self._run_info(vinfo.get("run_id"))
+        if "trained_window" in run:
+            info["trained_window"] = {**info.get("trained_window", {}), **run.pop("trained_window")}
+        info.update(run)
         return model, info
 
-    def _version_info(self, version: str) -> dict:
+    def _run_info(self, run_id: str | None) -> dict:
+        """Metrics and the training window logged with the version's run (best effort)."""
+        if not run_id:
+            return {}
+        from models import registry
+
         try:
-            mv = self.client.get_model_version(self.settings.model_name, version)
+            run = registry.client(self.settings).get_run(run_id)
         except Exception as exc:  # info is best effort; serving does not depend on it
-            return {"registry_error": str(exc)}
-        out: dict[str, Any] = {"run_id": mv.run_id, "tags": dict(mv.tags or {}), "aliases": list(mv.aliases or [])}
-        try:
-            run = self.client.get_run(mv.run_id)
-            out["metrics"] = dict(run.data.metrics)
-            params = run.data.params
-            for key in ("train_start", "train_end", "window_start", "window_end"):
-                if key in params:
-                    out.setdefault("trained_window", {})[key] = params[key]
-        except Exception as exc:
-            out["registry_error"] = str(exc)
-        for key in ("train_start", "train_end"):
-            if key in out["tags"]:
-                out.setdefault("trained_window", {})[key] = out["tags"][key]
+            return {"registry_error": f"{type(exc).__name__}: {exc}"}
+        out: dict[str, Any] = {"metrics": dict(run.data.metrics)}
+        tags = run.data.tags
+        window = {k: tags[k] for k in ("train_start", "train_end", "window_start", "window_end") if k in tags}
+        if window:
+            out["trained_window"] = window
         return out
 
 
@@ -184,7 +158,7 @@ def _model_info(model) -> dict:
     info = getattr(model, "info", None)
     info = dict(info) if isinstance(info, dict) else {}
     out: dict[str, Any] = {"model_info": info}
-    window = {k: info[k] for k in ("train_start", "train_end") if k in info}
+    window = {k: info[k] for k in ("train_start", "train_end") if info.get(k) is not None}
     if "train_window" in info:
         window["train_window"] = info["train_window"]
     if window:

@@ -393,3 +393,42 @@ def test_polling_thread_picks_up_a_new_champion(settings, tiny_world, tiny_model
         while client.get("/health").json()["model_version"] != "2":
             assert time.monotonic() < deadline, "no swap within 20 s"
             time.sleep(0.1)
+
+
+# ---- the real registry: a tiny model registered in a temp MLflow ------------------------------------------
+def _evaluation(n: int = 200):
+    import numpy as np
+
+    from models.evaluate import Evaluation, auc
+
+    y = np.random.default_rng(1).integers(0, 2, n)
+    scored = pd.DataFrame({"event_id": [f"e{i}" for i in range(n)], "user_id": [f"u{i % 20}" for i in range(n)],
+                           "item_id": [f"i{i % 15}" for i in range(n)], "label": y,
+                           "score": y + np.random.default_rng(2).normal(size=n)})
+    return Evaluation(auc=auc(y, scored["score"]), ndcg_at_k=0.4, recall_at_k=0.5, per_group_auc={},
+                      group_auc_gap={}, cold_item_auc=0.6, tail_exposure=0.3, n_events=n, n_users=20,
+                      per_group_n={}, scored=scored)
+
+
+@pytest.mark.slow
+def test_serves_the_registry_champion_and_follows_the_alias(settings, tiny_world, tiny_models):
+    """Default model source: models:/<name>@champion in the workspace's MLflow (SQLite), no mocks."""
+    registry = pytest.importorskip("models.registry")
+    store = FeedbackStore.from_settings(settings)
+    store.upsert_catalog(tiny_world.catalog)
+    store.append(tiny_world.events, batch_id="world")
+    app = create_app(settings, start_background=False)  # no source given: the registry
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 503  # no registry, no champion yet
+        _, v1 = registry.log_and_register(settings, tiny_models / "1", _evaluation(), catalog=tiny_world.catalog)
+        _, v2 = registry.log_and_register(settings, tiny_models / "2", _evaluation(), catalog=tiny_world.catalog)
+        c = registry.client(settings)
+        c.set_registered_model_alias(settings.model_name, "champion", v1)
+        assert client.post("/admin/reload").json()["model_version"] == v1
+        m = client.get("/model").json()
+        assert m["version"] == v1 and m["source"].endswith("@champion")
+        assert "auc" in m["metrics"] and m["trained_window"]["train_start"]
+        assert client.get("/recommend", params={"user_id": "u0001"}).json()["model_version"] == v1
+        c.set_registered_model_alias(settings.model_name, "champion", v2)
+        assert app.state.holder.poll_once() is True
+        assert client.get("/recommend", params={"user_id": "u0001"}).json()["model_version"] == v2
