@@ -112,6 +112,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*is smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*Trying to infer the `batch_size`.*")
+    # the frozen encoder / transformers modules are in eval mode on purpose (see RecommenderModule)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame | None = None,

@@ -1,0 +1,105 @@
+"""Point-in-time features: nothing at or after a row's timestamp may leak in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.features import WIDE_COLUMNS, point_in_time_features
+
+T0 = pd.Timestamp("2026-01-01", tz="UTC")
+
+
+def _catalog(n=6):
+    return pd.DataFrame({"item_id": [f"i{k}" for k in range(n)], "title": [f"t{k}" for k in range(n)],
+                         "description": "", "category": ["a", "a", "b", "b", "c", "c"][:n],
+                         "created_at": [T0 - pd.Timedelta(days=10)] * n})
+
+
+def _events(rows):
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "label", "timestamp"])
+
+
+def test_history_is_strictly_before_the_row_time_ties_excluded():
+    h = _events([
+        ("u", "i0", 1, T0 + pd.Timedelta(hours=1)),
+        ("u", "i1", 1, T0 + pd.Timedelta(hours=2)),
+        ("u", "i2", 0, T0 + pd.Timedelta(hours=3)),  # a negative never enters the history
+        ("u", "i3", 1, T0 + pd.Timedelta(hours=4)),  # same instant as the row below: excluded
+        ("u", "i4", 1, T0 + pd.Timedelta(hours=5)),  # after: excluded
+        ("v", "i5", 1, T0),  # another user
+    ])
+    index = {f"i{k}": k for k in range(6)}
+    rows = pd.DataFrame({"user_id": ["u", "u", "u", "w"], "item_id": ["i5"] * 4,
+                         "timestamp": [T0 + pd.Timedelta(hours=4), T0, pd.NaT, T0 + pd.Timedelta(days=9)]})
+    f = point_in_time_features(rows, h, _catalog(), index, history_len=3)
+    assert f.history_items[0].tolist() == [-1, 0, 1]
+    assert f.history_items[1].tolist() == [-1, -1, -1]  # nothing before T0
+    assert f.history_items[2].tolist() == [1, 3, 4]  # no timestamp: all history, the last 3
+    assert f.history_items[3].tolist() == [-1, -1, -1]  # unknown user
+    assert f.history_len.tolist() == [2, 0, 3, 0]
+    w = dict(zip(WIDE_COLUMNS, f.wide[0]))
+    assert w["user_log_count"] == pytest.approx(np.log1p(3))  # i0, i1, i2 only
+    assert w["item_log_count"] == pytest.approx(np.log1p(1))  # v's event on i5 at T0
+    # category c: i5 is category c; u had no c events before hour 4
+    assert w["user_cat_log_count"] == pytest.approx(0.0)
+    assert f.wide[2, WIDE_COLUMNS.index("user_cat_log_count")] == pytest.approx(np.log1p(1))  # i4 (c)
+
+
+def test_no_event_at_or_after_the_row_time_changes_its_features():
+    """Adding arbitrary future events (and events at the same instant) leaves every row's features unchanged."""
+    rng = np.random.default_rng(0)
+    n = 400
+    users = rng.choice([f"u{k}" for k in range(15)], n)
+    items = rng.choice([f"i{k}" for k in range(6)], n)
+    ts = T0 + pd.to_timedelta(rng.integers(0, 50, n), unit="h")  # many ties on purpose
+    past = _events(list(zip(users, items, rng.integers(0, 2, n), ts)))
+    cut = T0 + pd.Timedelta(hours=25)
+    rows = past[past.timestamp >= cut][["user_id", "item_id", "timestamp"]].drop_duplicates("timestamp")
+    rows = rows.assign(timestamp=cut)  # all rows at the cut instant
+    index = {f"i{k}": k for k in range(6)}
+    before = past[past.timestamp < cut]
+    f_clean = point_in_time_features(rows, before, _catalog(), index, 5, prior=0.4)
+    f_full = point_in_time_features(rows, past, _catalog(), index, 5, prior=0.4)  # includes ties + future
+    np.testing.assert_array_equal(f_clean.history_items, f_full.history_items)
+    np.testing.assert_allclose(f_clean.wide, f_full.wide)
+
+
+def test_counts_match_a_brute_force_loop(small_world):
+    ev = small_world.events.iloc[:3000]
+    cat = small_world.catalog
+    index = {k: i for i, k in enumerate(cat.item_id)}
+    f = point_in_time_features(ev, ev, cat, index, history_len=4)
+    rng = np.random.default_rng(1)
+    cat_of = dict(zip(cat.item_id, cat.category))
+    for r in rng.choice(len(ev), 40, replace=False):
+        row = ev.iloc[r]
+        before = ev[ev.timestamp < row.timestamp]
+        mine = before[before.user_id == row.user_id]
+        assert f.wide[r, 1] == pytest.approx(np.log1p(len(mine)))
+        assert f.wide[r, 3] == pytest.approx(np.log1p((before.item_id == row.item_id).sum()))
+        same_cat = mine[mine.item_id.map(cat_of) == cat_of[row.item_id]]
+        assert f.wide[r, 5] == pytest.approx(np.log1p(len(same_cat)))
+        pos = mine[mine.label == 1]
+        assert f.history_len[r] == min(4, len(pos))
+        got = {i for i in f.history_items[r] if i >= 0}
+        assert got <= {index[i] for i in pos.item_id}
+
+
+def test_item_age_and_query_flag():
+    h = _events([("u", "i0", 1, T0)])
+    rows = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["i0", "zz"], "query": ["jazz", None],
+                         "timestamp": [T0 + pd.Timedelta(days=2), T0]})
+    f = point_in_time_features(rows, h, _catalog(), {"i0": 0}, 2)
+    assert f.wide[0, WIDE_COLUMNS.index("item_log_age_days")] == pytest.approx(np.log1p(12.0))
+    assert f.wide[1, WIDE_COLUMNS.index("item_log_age_days")] == 0.0  # unknown item: no age
+    assert f.wide[:, WIDE_COLUMNS.index("has_query")].tolist() == [1.0, 0.0]
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="user_id"):
+        point_in_time_features(pd.DataFrame({"item_id": ["i0"]}), _events([]), _catalog(), {}, 2)
+    with pytest.raises(ValueError, match="history is missing"):
+        point_in_time_features(pd.DataFrame({"user_id": ["u"], "item_id": ["i0"]}), pd.DataFrame({"user_id": []}),
+                               _catalog(), {}, 2)
