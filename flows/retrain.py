@@ -60,12 +60,17 @@ def ensure_retrain_limit() -> None:
     """Create the global concurrency limit (1 slot) if it does not exist."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
+            client.read_global_concurrency_limit_by_name(RETRAIN_LIMIT)
+            return
+        except ObjectNotFound:
+            pass
+        try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAIN_LIMIT, limit=1))
-        except ObjectAlreadyExists:
+        except ObjectAlreadyExists:  # another run created it in between
             pass
 
 
