@@ -28,6 +28,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -325,19 +326,25 @@ def log_and_register(
             mlflow.set_tags({**tags, "recloop.role": "candidate"})
             if train_data is not None and len(train_data):
                 try:
-                    mlflow.log_input(_dataset_input(train_data, settings, str(lineage.get("snapshot_hash") or "")),
-                                     context="training",
-                                     tags={"snapshot_hash": str(lineage.get("snapshot_hash", "")),
-                                           "n_rows": str(len(train_data)), "sampled_rows": str(min(len(train_data), 2000))})
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # MLflow's hint on int columns in the sample
+                        mlflow.log_input(_dataset_input(train_data, settings, str(lineage.get("snapshot_hash") or "")),
+                                         context="training",
+                                         tags={"snapshot_hash": str(lineage.get("snapshot_hash", "")),
+                                               "n_rows": str(len(train_data)),
+                                               "sampled_rows": str(min(len(train_data), 2000))})
                 except Exception as exc:  # lineage of the data is best effort, the model is not
                     log.warning("mlflow.log_input failed: %s", exc)
                     mlflow.set_tag("log_input_error", _short(str(exc)))
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(code),
-                artifacts={"model": str(model_dir), "catalog": str(tmp / "catalog")},
-                signature=pyfunc.signature(), input_example=_input_example(model_dir, catalog),
-                model_config={"workspace": None}, pip_requirements=_requirements(),
-            )
+            with warnings.catch_warnings():
+                # the model's predict takes a DataFrame checked against the explicit signature below
+                warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+                info = mlflow.pyfunc.log_model(
+                    name="model", python_model=str(code),
+                    artifacts={"model": str(model_dir), "catalog": str(tmp / "catalog")},
+                    signature=pyfunc.signature(), input_example=_input_example(model_dir, catalog),
+                    model_config={"workspace": None}, pip_requirements=_requirements(),
+                )
         mv = mlflow.register_model(info.model_uri, settings.model_name,
                                    tags={**tags, "gate_decision": "pending", "run_id": run_id,
                                          "weights_sha256": manifest["weights.safetensors"]["sha256"]})

@@ -1,0 +1,59 @@
+"""``recloop models`` (versions, aliases, metrics, gate results) and ``recloop rollback``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
+
+_METRICS = ("auc", "ndcg_at_10", "cold_item_auc", "tail_exposure")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models)
+    app.command("rollback")(rollback)
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _render(versions: list[dict]) -> None:
+    if not versions:
+        typer.echo("no registered model versions yet")
+        return
+    rows = []
+    for v in versions:
+        failed = [k for k, x in v["gates"].items() if str(x).startswith("fail")]
+        rows.append([v["version"], ",".join(v["aliases"]), v["gate_decision"] or "",
+                     *[_fmt(v["metrics"].get(m)) for m in _METRICS],
+                     ", ".join(failed) or (v["gate_reasons"][:60] if v["gate_reasons"] else ""),
+                     v["lineage"].get("trigger_reason", "")])
+    table("model versions (newest first)", ["version", "aliases", "decision", *_METRICS, "failed gates / reason",
+                                            "trigger"], rows)
+
+
+def models(workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt):
+    """List registered model versions: aliases, gate decision, metrics, failed gates, lineage."""
+    from models.registry import list_versions
+
+    emit(list_versions(settings_for(workspace)), as_json, _render)
+
+
+def rollback(
+    reason: str = typer.Option(..., "--reason", help="Why (recorded on both versions)"),
+    workspace: Path = WorkspaceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Move the champion alias back to the previous version and record why."""
+    from models.registry import RegistryError
+    from models.registry import rollback as do_rollback
+
+    try:
+        result = do_rollback(settings_for(workspace), reason)
+    except RegistryError as exc:
+        fail(str(exc))
+    emit(result.to_dict(), as_json,
+         lambda d: typer.echo(f"champion: version {d['champion_before']} -> {d['champion_after']} ({reason})"))
