@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 
+from models.baselines import torch_threads
 from models.data import RecDataModule
 from models.features import WIDE_COLUMNS
 from models.module import RecommenderModule
@@ -154,22 +155,17 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
         best = BestWeights(root / "best")
         callbacks = [best, EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience), *(callbacks or [])]
         on_cpu = cfg.accelerator == "cpu" or not torch.cuda.is_available()
-        threads = cfg.fit_threads or (1 if kind == "frozen" else 0)
-        saved_threads = torch.get_num_threads()
-        if on_cpu and threads:
-            # the frozen-mode step is many small ops: on a shared 2-core box one thread is
-            # several times faster than two spin-waiting ones (the encoder pass above used all)
-            torch.set_num_threads(threads)
+        # the frozen-mode step is many small ops: on a shared 2-core box one thread is several
+        # times faster than two spin-waiting ones (the encoder pass above used all cores)
+        threads = (cfg.fit_threads or (1 if kind == "frozen" else 0)) if on_cpu else 0
         trainer = pl.Trainer(
             max_epochs=max_epochs or cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
             strategy=cfg.strategy, precision=cfg.precision, deterministic=True if on_cpu else "warn",
             logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
             enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root),
             callbacks=callbacks, fast_dev_run=fast_dev_run, log_every_n_steps=10)
-        try:
+        with torch_threads(threads):
             trainer.fit(module, datamodule=dm)
-        finally:
-            torch.set_num_threads(saved_threads)
         if best.weights_path.is_file():
             load_trainable_state(module, best.weights_path)
         history = json.loads(best.history_path.read_text()) if best.history_path.is_file() else best.history

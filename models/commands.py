@@ -1,0 +1,74 @@
+"""``recloop train``: one-off training on the store window, printed against the baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train(
+        workspace: Path = WorkspaceOpt,
+        test_fraction: float = typer.Option(0.2, help="Last part of the window (by time) held out as the test set"),
+        mode: str = typer.Option(None, help="Override settings.training.mode: frozen | top_layers=k | full"),
+        max_epochs: int = typer.Option(None, help="Override settings.training.max_epochs"),
+        save: Path = typer.Option(None, help="Also save the trained model to this folder"),
+        as_json: bool = JsonOpt,
+    ):
+        """Train the BERT recommender on the store (earlier part) and compare it with popularity and MF on the
+        later part: AUC, cold-item AUC, NDCG@k, Recall@k, tail exposure, group AUC gap."""
+        from models.comparison import train_and_compare
+        from recloop.store import FeedbackStore
+
+        s = settings_for(workspace)
+        if mode:
+            s.training.mode = mode
+        if max_epochs:
+            s.training.max_epochs = max_epochs
+        if not 0.0 < test_fraction < 1.0:
+            fail("--test-fraction must be between 0 and 1")
+        if not s.store_dir.exists():
+            fail(f"no store at {s.store_dir}: run `recloop generate` (or import-movielens) and ingest first")
+        store = FeedbackStore.from_settings(s)
+        events = store.read()
+        if len(events) < 50:
+            fail(f"the store holds {len(events)} events; ingest some batches first (`recloop ingest`)")
+        try:
+            out = train_and_compare(s, events, store.catalog(), store.users(), test_fraction)
+        except ValueError as exc:
+            fail(str(exc))
+        trained = out.pop("trained")
+        if save:
+            out["saved_to"] = str(trained.model.save(save))
+        out["model"] = trained.model.info
+        emit(out, as_json, _render)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.4f}"
+    return str(v)
+
+
+def _render(doc: dict) -> None:
+    m = doc["metrics"]
+    k = next(iter(m.values()))["k"]
+    cols = ["model", "AUC", "cold-item AUC", f"NDCG@{k}", f"Recall@{k}", f"tail exposure@{k}", "group AUC gap"]
+    rows = [[name, *(_fmt(r[c]) for c in ("auc", "cold_item_auc", "ndcg_at_k", "recall_at_k", "tail_exposure",
+                                          "max_group_auc_gap"))] for name, r in m.items()]
+    first = next(iter(m.values()))
+    table(f"test: {doc['n_test']} events ({first['n_cold_events']} on cold items), "
+          f"{doc['test_window'][0]} .. {doc['test_window'][1]}; trained on {doc['n_train']}", cols, rows)
+    sec = doc["seconds"]
+    table("training", ["what", "value"], [
+        ["mode", doc["model"]["mode"]], ["encoder", doc["model"]["encoder"]],
+        ["best val AUC", _fmt(doc["best_val_auc"])], ["epochs", len(doc["history"])],
+        ["train seconds", f"{sec['train']:.1f}"], ["score test seconds", f"{sec['score_test']:.1f}"],
+        *([["saved to", doc["saved_to"]]] if doc.get("saved_to") else []),
+    ])
