@@ -54,6 +54,7 @@ def _false_positives(tmp_path, seeds) -> list[int]:
         _, _, out = _check(tmp_path, f"calm-{seed}", data)
         assert out.status == "checked" and out.report_path and pd.io.common.file_exists(out.report_path)
         assert out.prediction_drift is None  # no scorer: not checked
+        print(f"seed {seed}: share {out.drift_share:.3f} drifted {out.drifted_columns} triggers {out.triggers}")
         if out.should_retrain:
             fired.append(seed)
     return fired
@@ -290,3 +291,19 @@ def test_outcome_markdown_mentions_decision():
                                  "threshold": 0.1, "drifted": True}])
     md = out.to_markdown()
     assert "RETRAIN" in md and "| category | feature | jensenshannon | 0.3000 | 0.1 | DRIFT |" in md
+
+
+def test_cli_monitor_json(settings, small_world):
+    from typer.testing import CliRunner
+
+    from recloop.cli import app
+    from recloop.store import FeedbackStore
+
+    FeedbackStore.from_settings(settings).append(small_world.events, "all")
+    res = CliRunner().invoke(app, ["monitor", "--workspace", str(settings.root), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["reason"] == "no_champion" and doc["should_retrain"] and doc["status"] == "no_reference"
+    assert storm.load_state(settings).pending is None  # the CLI only looks by default
+    table = CliRunner().invoke(app, ["monitor", "--workspace", str(settings.root)])
+    assert table.exit_code == 0 and "drift decision" in table.output and "no_champion" in table.output
