@@ -107,11 +107,11 @@ def run_loop_demo(settings, fresh: bool = True) -> dict:
     stack.start()
     try:
         stack.wait_for_deployments()
-        os.environ.update({k: v for k, v in stack.env.items() if k.startswith("PREFECT_")})
         stage("prefect stack", t0, f"server {stack.prefect_url}, deployments ingest/monitor/retrain served")
         waves = {}
-        for label, wave in (("wave 1 (before drift)", wave1), ("wave 2 (drifted days)", wave2)):
-            waves[label] = _run_wave(label, wave, settings, stage, run_deployment)
+        with stack.client_settings():
+            for label, wave in (("wave 1 (before drift)", wave1), ("wave 2 (drifted days)", wave2)):
+                waves[label] = _run_wave(label, wave, settings, stage, run_deployment)
         outcome = latest_outcome(settings)
     finally:
         stack.stop()

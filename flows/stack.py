@@ -140,9 +140,8 @@ class Stack:
         from prefect.client.orchestration import get_client
 
         deadline = time.monotonic() + timeout
-        os.environ.update({k: v for k, v in self.env.items() if k.startswith("PREFECT_")})
         while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
+            with self.client_settings(), get_client(sync_client=True) as client:
                 found = set()
                 for name in names:
                     try:
@@ -158,6 +157,12 @@ class Stack:
                                    f"{self.log_dir / 'deployments.log'}")
             time.sleep(1)
         raise TimeoutError(f"deployments {names} not registered within {timeout:.0f}s")
+
+    def client_settings(self):
+        """Point this process's Prefect client at the stack's server (Prefect reads env vars only at import)."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        return temporary_settings(updates={PREFECT_API_URL: prefect_api_url(self.settings)})
 
     def _write_state(self) -> None:
         state = {s.name: {"pid": s.proc.pid, "url": s.url} for s in self.services if s.proc}

@@ -41,10 +41,11 @@ def _model_versions(settings) -> list[dict]:
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     try:
         versions = client.search_model_versions(f"name='{settings.model_name}'")
+        aliases = client.get_registered_model(settings.model_name).aliases  # {alias: version}
     except Exception:  # no registered model yet
         return []
     return sorted(
-        ({"version": int(v.version), "aliases": list(v.aliases), "status": v.tags.get("gate_decision"),
-          "run_id": v.run_id} for v in versions),
+        ({"version": int(v.version), "aliases": sorted(a for a, ver in aliases.items() if str(ver) == str(v.version)),
+          "status": v.tags.get("gate_decision"), "run_id": v.run_id} for v in versions),
         key=lambda d: d["version"],
     )

@@ -42,7 +42,6 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world):
     """Start a Prefect server + served deployments, emit recloop.drift.detected, see a retrain run complete."""
-    import os
     from datetime import datetime, timezone
 
     from flows.demo import wait_for_triggered_run
@@ -65,11 +64,12 @@ def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world
 
     stack = Stack(settings, with_mlflow=False, with_serving=False)
     stack.start()
-    saved = dict(os.environ)
     try:
         stack.wait_for_deployments()
-        os.environ.update({k: v for k, v in stack.env.items() if k.startswith("PREFECT_")})
         from prefect.client.orchestration import get_client
+
+        ctx = stack.client_settings()
+        ctx.__enter__()
 
         with get_client(sync_client=True) as client:
             ingest = client.read_deployment_by_name("ingest/ingest")
@@ -86,7 +86,6 @@ def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world
         from models.pipeline import load_champion_version
 
         assert load_champion_version(settings) == "1"
+        ctx.__exit__(None, None, None)
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         stack.stop()
