@@ -224,6 +224,8 @@ class TextSource(nn.Module):
         super().__init__()
         self.kind, self.k = parse_mode(mode)
         self.encoder = encoder if self.kind != "frozen" else None
+        self.tokens_encoded = 0  # real (unpadded) tokens run through trainable layers: for FLOP accounting
+        self.padded_tokens_encoded = 0
         if self.kind == "top_layers" and self.k > encoder.n_layers:
             raise ValueError(f"top_layers={self.k} but the encoder has {encoder.n_layers} layers")
         self.first_layer = encoder.n_layers - self.k if self.kind == "top_layers" else 0
@@ -269,6 +271,9 @@ class TextSource(nn.Module):
         mask = getattr(self, f"{name}_mask")[idx]
         width = int(mask.sum(1).max().item()) if len(idx) else 1
         mask = mask[:, :max(width, 1)]
+        if self.training:
+            self.tokens_encoded += int(mask.sum().item())
+            self.padded_tokens_encoded += int(mask.numel())
         if self.kind == "full":
             ids = getattr(self, f"{name}_ids")[idx][:, : mask.shape[1]]
             return self.encoder(ids, mask)
