@@ -209,8 +209,11 @@ def _weighted_auc(order: np.ndarray, starts: np.ndarray, y_sorted: np.ndarray, w
     share a block and count one half), so one sort serves every resample.
     """
     ws = w[:, order]
-    pos = np.add.reduceat(ws * y_sorted, starts, axis=1)
-    neg = np.add.reduceat(ws * (1.0 - y_sorted), starts, axis=1)
+    pos = ws * y_sorted
+    neg = ws - pos
+    if len(starts) < len(order):  # ties: collapse each block of equal scores
+        pos = np.add.reduceat(pos, starts, axis=1)
+        neg = np.add.reduceat(neg, starts, axis=1)
     neg_below = np.cumsum(neg, axis=1) - neg
     num = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
     den = pos.sum(axis=1) * neg.sum(axis=1)
@@ -227,7 +230,7 @@ def _sort_blocks(scores: np.ndarray, y: np.ndarray):
 
 def paired_bootstrap_auc(
     labels, cand_scores, champ_scores, samples: int = 500, seed: int = 0, confidence: float = 0.95,
-    groups=None, batch: int = 100,
+    groups=None, batch: int | None = None,
 ) -> BootstrapCI:
     """Percentile bootstrap of AUC(cand) − AUC(champ), resampling events (or ``groups``, e.g. users).
 
@@ -252,11 +255,12 @@ def paired_bootstrap_auc(
     else:
         codes, n_units, unit = None, n, "event"
     deltas = np.empty(samples)
+    batch = batch or max(1, min(samples, 100_000 // max(n, n_units)))  # small blocks stay in cache
     for start in range(0, samples, batch):
         m = min(batch, samples - start)
         draws = rng.integers(0, n_units, size=(m, n_units))
         counts = np.bincount((draws + (np.arange(m) * n_units)[:, None]).ravel(),
-                             minlength=m * n_units).reshape(m, n_units).astype(float)
+                             minlength=m * n_units).reshape(m, n_units).astype(np.float64)
         w = counts if codes is None else counts[:, codes]
         deltas[start:start + m] = _weighted_auc(oa, sa, ya, w) - _weighted_auc(ob, sb, yb, w)
     alpha = (1.0 - confidence) / 2.0
