@@ -183,14 +183,22 @@ def _history_metrics(history: list[dict] | None) -> list[tuple[str, float, int]]
 
 
 def _validation_results(settings, batch_ids: list[str]) -> list[str]:
-    """GX validation result files (under reports/) whose name carries one of the batch ids."""
-    if not batch_ids or not settings.reports_dir.exists():
-        return []
+    """The GX validation results (``<file>.validation.json`` beside each processed or quarantined
+    batch, written by data_checks' ingest) of the batches a model was trained on."""
     wanted = {b for b in batch_ids if b}
+    if not wanted:
+        return []
     out = []
-    for p in settings.reports_dir.rglob("*.json"):
-        if any(b in p.name or b in p.parent.name for b in wanted):
-            out.append(str(p))
+    for folder in (settings.processed_dir, settings.quarantine_dir):
+        if not folder.exists():
+            continue
+        for p in folder.glob("*.validation.json"):
+            try:
+                batch_id = json.loads(p.read_text(encoding="utf-8")).get("outcome", {}).get("batch_id")
+            except (OSError, ValueError):
+                continue
+            if batch_id in wanted:
+                out.append(str(p))
     return sorted(out)
 
 
