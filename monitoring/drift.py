@@ -116,7 +116,8 @@ class DriftOutcome:
     storm: dict = field(default_factory=dict)
     report_path: str | None = None
     json_path: str | None = None
-    checked_at: str = ""
+    checked_at: str = ""  # wall clock (names the report files)
+    as_of: str | None = None  # the ``now`` the check was asked for (data time), if any
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -135,7 +136,7 @@ class DriftOutcome:
         lines = [f"# Drift check: {verdict}", "",
                  f"- status: `{self.status}`, reason: `{self.reason}`, triggers: {', '.join(self.triggers) or 'none'}",
                  f"- suppressed by: {', '.join(self.suppressed_by) or 'nothing'}",
-                 f"- champion: `{self.champion_version}`",
+                 f"- champion: `{self.champion_version}`; checked {self.checked_at} (as of {self.as_of or 'latest'})",
                  (f"- reference {self.windows.get('reference_start')} .. {self.windows.get('reference_end')} "
                  f"({self.n_reference} events, {self.n_reference_sampled} sampled)"),
                  (f"- current {self.windows.get('current_start')} .. {self.windows.get('current_end')} "
@@ -169,7 +170,8 @@ def detect_drift(settings, store, champion: ChampionInfo | None = None, scorer: 
     cfg = settings.monitor
     clock = to_utc(now)
     out = DriftOutcome(status="checked", should_retrain=False, reason=None,
-                       checked_at=(clock or pd.Timestamp.now(tz="UTC")).isoformat(),
+                       checked_at=pd.Timestamp.now(tz="UTC").isoformat(),
+                       as_of=None if clock is None else clock.isoformat(),
                        drift_share_threshold=cfg.drift_share,
                        champion_version=None if champion is None else champion.version)
     n_total = store.count()
