@@ -138,6 +138,7 @@ class ServingSettings(BaseModel):
     exploration_max_shown: int | None = None  # "rarely shown" = shown at most this often (None: bottom 10 %)
     impression_flush_seconds: float = 1.0
     seed: int | None = None  # exploration RNG seed (None: random)
+    torch_threads: int | None = 1  # torch intra-op threads in the server (None: torch's default)
 
 
 def _toml_path(workspace: Path) -> Path | None:

@@ -88,6 +88,10 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)  # requests run in parallel threads: one core each
         view.refresh(force=True)
         holder.poll_once()
         if start_background:

@@ -57,8 +57,8 @@ def _liked_items(hist: pd.DataFrame) -> list[str]:
     """The user's positive items, most recent last, unique."""
     if hist.empty:
         return []
-    pos = hist[hist["label"].astype(int) == 1]["item_id"].astype(str)
-    return list(dict.fromkeys(reversed(pos.tolist())))[::-1]
+    items = hist["item_id"].to_numpy(dtype=object)[hist["label"].to_numpy(dtype=np.int64, na_value=0) == 1]
+    return list(dict.fromkeys(reversed(items.tolist())))[::-1]
 
 
 def _scoring_history(data: StoreData, user_id: str | None, hist: pd.DataFrame, item_ids) -> pd.DataFrame:
@@ -99,12 +99,7 @@ def _words(text: str) -> set[str]:
 
 
 def _row_text(data: StoreData, item_id: str) -> tuple[str, str, str]:
-    row = data.catalog.loc[item_id] if item_id in data.catalog.index else None
-    if row is None:
-        return item_id, "", ""
-    tags = row.get("tags") if hasattr(row, "get") else None
-    return (str(row["title"]), str(row["category"]),
-            "" if tags is None or pd.isna(tags) else str(tags))
+    return data.item_meta(item_id)
 
 
 def _item_payload(data: StoreData, item_id: str) -> dict:

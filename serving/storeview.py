@@ -49,6 +49,7 @@ class StoreData:
     ledger_lines: int = 0
     n_parts: int = 0
     parts: frozenset = field(default_factory=frozenset)
+    meta: dict = field(default_factory=dict)  # item_id -> (title, category, tags) for explanations
 
     def user_history(self, user_id: str) -> pd.DataFrame:
         rows = self.user_rows.get(user_id)
@@ -66,8 +67,12 @@ class StoreData:
 
     def catalog_for(self, item_ids) -> pd.DataFrame:
         """Catalog rows of ``item_ids`` (unknown ids dropped) as a plain frame with an item_id column."""
-        ids = [i for i in dict.fromkeys(item_ids) if i in self.catalog.index]
-        return self.catalog.loc[ids].reset_index()
+        pos = self.catalog.index.get_indexer(list(dict.fromkeys(item_ids)))
+        return self.catalog.take(pos[pos >= 0]).reset_index()
+
+    def item_meta(self, item_id: str) -> tuple[str, str, str]:
+        """(title, category, tags) of an item; the id itself as title when it is not in the catalog."""
+        return self.meta.get(item_id) or (item_id, "", "")
 
 
 def _empty_events() -> pd.DataFrame:
@@ -111,8 +116,18 @@ def _build(catalog: pd.DataFrame, catalog_sig, events: pd.DataFrame, ledger_line
         user_rows, item_rows, shown, positives = {}, {}, pd.Series(dtype=int), pd.Series(dtype=int)
     shown.index = shown.index.astype(str)
     positives.index = positives.index.astype(str)
-    return StoreData(catalog=catalog, catalog_sig=catalog_sig, events=events, user_rows=user_rows, item_rows=item_rows, shown=shown,
+    meta = _catalog_meta(catalog)
+    return StoreData(meta=meta, catalog=catalog, catalog_sig=catalog_sig, events=events, user_rows=user_rows, item_rows=item_rows, shown=shown,
                      positives=positives, ledger_lines=ledger_lines, n_parts=len(parts), parts=parts)
+
+
+def _catalog_meta(catalog: pd.DataFrame) -> dict:
+    def col(name):
+        if name not in catalog.columns:
+            return [""] * len(catalog)
+        return catalog[name].astype("string").fillna("").tolist()
+
+    return dict(zip(catalog.index.astype(str), zip(col("title"), col("category"), col("tags"))))
 
 
 def _load_catalog(store: FeedbackStore) -> pd.DataFrame:
