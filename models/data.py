@@ -57,6 +57,8 @@ def validate_events(events: pd.DataFrame) -> pd.DataFrame:
     ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
     if ev["timestamp"].isna().any() or ev["user_id"].isna().any() or ev["item_id"].isna().any():
         raise ValueError("events contain null user_id, item_id or timestamp")
+    if ev["label"].isna().any():
+        raise ValueError("events contain null labels")
     ev["label"] = ev["label"].astype("int64")
     if not ev["label"].isin([0, 1]).all():
         raise ValueError("labels must be 0/1")

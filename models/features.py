@@ -97,17 +97,26 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     if missing:
         raise ValueError(f"history is missing columns {sorted(missing)}")
     rows = rows.reset_index(drop=True)
+    if prior is None:
+        prior = float(pd.to_numeric(history["label"]).mean()) if len(history) else 0.5
+    prior = float(np.clip(prior, 0.01, 0.99))
+    all_t = _times_ns(history["timestamp"], len(history))
+    real = all_t[all_t != _NO_TIME]
+    ref_now = real.max() if len(real) else pd.Timestamp.now(tz="UTC").value  # "now" for rows without a time
+    # only events of the rows' users or items can matter: drop the rest first (exact, and it
+    # makes a serving-style call - one user, a few hundred candidates - cheap on a large store)
+    if len(history) > 2 * len(rows):
+        keep = (history["user_id"].isin(rows["user_id"].unique())
+                | history["item_id"].isin(rows["item_id"].unique())).to_numpy()
+        history, all_t = history[keep], all_t[keep]
     history = history.reset_index(drop=True)
     n = len(rows)
     row_t = _times_ns(rows["timestamp"] if "timestamp" in rows.columns else None, n)
-    hist_t = _times_ns(history["timestamp"], len(history))
+    hist_t = all_t
     labels = history["label"].to_numpy(dtype=np.int64, na_value=0)
     uniq, inv = np.unique(np.concatenate([hist_t, row_t]), return_inverse=True)
     hist_r, row_r = inv[: len(hist_t)].astype(np.int64), inv[len(hist_t):].astype(np.int64)
     base = np.int64(len(uniq) + 1)
-    if prior is None:
-        prior = float(labels.mean()) if len(labels) else 0.5
-    prior = float(np.clip(prior, 0.01, 0.99))
 
     # users and items
     row_u, hist_u = _codes(rows["user_id"], history["user_id"])
@@ -148,8 +157,6 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     created = created[~created.index.duplicated(keep="last")]
     row_created = pd.to_datetime(rows["item_id"].astype("string").map(created), utc=True)
     created_ns = row_created.to_numpy(dtype="datetime64[ns]").view(np.int64)
-    real = hist_t[hist_t != _NO_TIME]
-    ref_now = real.max() if len(real) else pd.Timestamp.now(tz="UTC").value
     ref = np.where(row_t == _NO_TIME, ref_now, row_t)
     age_days = np.where(row_created.isna().to_numpy(), 0.0, (ref - created_ns) / 86_400e9)
     age_days = np.clip(age_days, 0.0, None)
