@@ -46,6 +46,12 @@ def _build(docs_dir: Path | None) -> GXRuntime:
 
     from data_checks.suites import CATALOG_SUITE, FEEDBACK_SUITE, catalog_expectations, feedback_expectations
 
+    # GX fingerprints every in-memory batch with an md5 of the whole frame (~3 s per 1M rows). A batch is
+    # already identified by the sha256 of its file (the batch_id), so skip it: frames above this size
+    # are not fingerprinted.
+    import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
+
+    pandas_engine.HASH_THRESHOLD = 0
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     actions = []
