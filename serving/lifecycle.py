@@ -178,6 +178,10 @@ class Served:
     index: ItemIndex
     catalog_sig: Any
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # Model calls are serialised per model: Recommender keeps a one-entry item-tower cache that it
+    # checks and reads in two steps, which is not safe across threads. Retrieval, ranking and
+    # JSON still run in parallel; most of a model call holds the GIL (pandas) anyway.
+    model_lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
 
 class ModelHolder:
@@ -239,14 +243,16 @@ class ModelHolder:
             if cur is None or data.catalog_sig == cur.catalog_sig:
                 return changed
             try:
-                index = ItemIndex.build(cur.model, data.catalog.reset_index(), previous=cur.index)
+                with cur.model_lock:
+                    index = ItemIndex.build(cur.model, data.catalog.reset_index(), previous=cur.index)
             except Exception as exc:
                 self.last_error = f"re-indexing the catalog failed: {type(exc).__name__}: {exc}"
                 log.exception("re-indexing failed")
                 return changed
             if self.current is cur:
                 self.current = Served(model=cur.model, version=cur.version, info=cur.info, index=index,
-                                      catalog_sig=data.catalog_sig, loaded_at=cur.loaded_at)
+                                      catalog_sig=data.catalog_sig, loaded_at=cur.loaded_at,
+                                      model_lock=cur.model_lock)
             log.info("item index refreshed: %d items (%d encoded)", len(index), index.n_encoded)
             return True
 

@@ -80,7 +80,9 @@ def _score(served: Served, data: StoreData, user_id: str, hist: pd.DataFrame, ca
         pairs["query"] = query
     history = _scoring_history(data, user_id, hist, cand_ids)
     catalog = data.catalog_for(list(cand_ids) + history["item_id"].astype(str).tolist())
-    return np.asarray(served.model.score(pairs, history, catalog), dtype=np.float64).reshape(-1)
+    with served.model_lock:
+        scores = served.model.score(pairs, history, catalog)
+    return np.asarray(scores, dtype=np.float64).reshape(-1)
 
 
 def _user_vector(served: Served, data: StoreData, user_id: str, hist: pd.DataFrame,
@@ -90,7 +92,8 @@ def _user_vector(served: Served, data: StoreData, user_id: str, hist: pd.DataFra
         ids = [str(data.catalog.index[0])]
     catalog = data.catalog_for(ids)
     queries = [query] if query else None
-    vec = served.model.user_vectors([user_id], hist, catalog, queries=queries)
+    with served.model_lock:
+        vec = served.model.user_vectors([user_id], hist, catalog, queries=queries)
     return np.asarray(vec, dtype=np.float32).reshape(-1)
 
 
