@@ -83,15 +83,15 @@ def main() -> None:
     # warm-up: imports and the GX context (once per process, as in a long-running worker)
     warm = load_settings(tmp / "warm")
     warm.checks.data_docs = False
-    prepare_and_validate = lambda s: validate_frame(  # noqa: E731
+    prepare_and_validate = lambda s: validate_frame(
         prepare_feedback_frame(pd.read_parquet(source), set(), catalog["item_id"].to_numpy()), s)
     validate_frame(prepare_feedback_frame(events.head(1000), set(), catalog["item_id"].to_numpy()), warm)
 
     for r in range(args.repeats):
         out = tmp / "bare.parquet"
-        results["bare read_parquet + to_parquet"].append(timed(lambda: pd.read_parquet(source).to_parquet(out)))
+        results["bare read_parquet + to_parquet"].append(timed(lambda out=out: pd.read_parquet(source).to_parquet(out)))
         o = {}
-        results["validate (prepare + GX)"].append(timed(lambda: o.setdefault("v", prepare_and_validate(warm))))
+        results["validate (prepare + GX)"].append(timed(lambda o=o: o.setdefault("v", prepare_and_validate(warm))))
         assert o["v"].decision == "pass", o["v"].reasons
         for label, docs in (("ingest, Data Docs off", False), ("ingest, Data Docs on", True)):
             ws = tmp / f"ws-{r}-{docs}"
@@ -101,7 +101,7 @@ def main() -> None:
             landed = s.landing_dir / "batch.parquet"
             shutil.copy(source, landed)
             res = {}
-            results[label].append(timed(lambda: res.setdefault("o", ingest_batch(landed, s))))
+            results[label].append(timed(lambda res=res, landed=landed, s=s: res.setdefault("o", ingest_batch(landed, s))))
             assert res["o"].status == "ingested" and res["o"].n_new == args.rows, res["o"].reasons
             assert FeedbackStore.from_settings(s).count() == args.rows
             shutil.rmtree(ws)

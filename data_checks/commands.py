@@ -8,6 +8,8 @@ import typer
 
 from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
 
+PathArg = typer.Argument(None, help="One landing file (default: use --all)")
+IdArg = typer.Argument(..., metavar="ID", help="Id from `recloop quarantine list`")
 quarantine_app = typer.Typer(help="Batches and rows held back by the data checks.", no_args_is_help=True)
 
 
@@ -23,7 +25,7 @@ def _render_outcomes(outcomes: list[dict]) -> None:
 
 
 def ingest(
-    path: Path = typer.Argument(None, help="One landing file (default: use --all)"),
+    path: Path = PathArg,
     all_: bool = typer.Option(False, "--all", help="Ingest every file waiting in landing/"),
     workspace: Path = WorkspaceOpt,
     as_json: bool = JsonOpt,
@@ -53,7 +55,7 @@ def quarantine_list(workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt):
 
 
 @quarantine_app.command("release")
-def quarantine_release(entry_id: str = typer.Argument(..., metavar="ID", help="Id from `recloop quarantine list`"),
+def quarantine_release(entry_id: str = IdArg,
                        workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt):
     """Re-validate a quarantined batch after a fix; ingest it if it now passes."""
     from data_checks.quarantine import release

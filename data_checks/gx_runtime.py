@@ -44,12 +44,12 @@ def _build(docs_dir: Path | None) -> GXRuntime:
         from great_expectations.checkpoint import UpdateDataDocsAction
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    from data_checks.suites import CATALOG_SUITE, FEEDBACK_SUITE, catalog_expectations, feedback_expectations
-
     # GX fingerprints every in-memory batch with an md5 of the whole frame (~3 s per 1M rows). A batch is
     # already identified by the sha256 of its file (the batch_id), so skip it: frames above this size
     # are not fingerprinted.
     import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
+
+    from data_checks.suites import CATALOG_SUITE, FEEDBACK_SUITE, catalog_expectations, feedback_expectations
 
     pandas_engine.HASH_THRESHOLD = 0
     ctx = gx.get_context(mode="ephemeral")
@@ -100,6 +100,6 @@ def run_checkpoint(suite_name: str, df, params: dict, docs_dir: Path | None, run
             try:
                 urls = rt.context.get_docs_sites_urls(resource_identifier=identifier, site_names=[DOCS_SITE])
                 page = urls[0]["site_url"].removeprefix("file://") if urls else None
-            except Exception:  # the page exists either way; its url is a convenience
+            except Exception:  # noqa: BLE001 - the page exists either way; its url is a convenience
                 page = None
     return vr, page

@@ -73,7 +73,7 @@ class IngestOutcome:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "IngestOutcome":
+    def from_dict(cls, d: dict) -> IngestOutcome:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -264,8 +264,8 @@ def _skip_duplicate(path: Path, settings, sha: str, batch_id: str, state: dict, 
     dup_dir.mkdir(parents=True, exist_ok=True)
     dest = _free_name(dup_dir / path.name, sha)
     out = IngestOutcome(batch_id=batch_id, source=path.name, status="skipped",
-                        reasons=[f"identical content already handled as {state.get('batch_id')} "
-                                 f"({state.get('status')}, {state.get('destination')}); nothing stored"],
+                        reasons=[(f"identical content already handled as {state.get('batch_id')} "
+                                  f"({state.get('status')}, {state.get('destination')}); nothing stored")],
                         destination=str(dest), validation_path=str(sidecar_path(dest)),
                         seconds=round(time.perf_counter() - t0, 3))
     atomic_write_json({"outcome": out.to_dict()}, sidecar_path(dest))

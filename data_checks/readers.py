@@ -39,11 +39,7 @@ def read_batch(path: str | Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED:
         raise BatchReadError(f"unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(SUPPORTED)}")
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise
-    if size == 0:
+    if path.stat().st_size == 0:
         raise BatchReadError("zero-byte file (nothing was delivered)")
     if suffix == ".parquet":
         df = _read_parquet(path)

@@ -63,7 +63,7 @@ def _e(cls, rule: str, severity: str, guards: str, **kwargs):
 
 
 def feedback_expectations() -> list:
-    P = lambda name: {"$PARAMETER": name}  # noqa: E731 - suite parameter, filled per run
+    P = lambda name: {"$PARAMETER": name}
     exps = [
         # --- critical: schema and types --------------------------------------------------------
         # Guards against schema drift upstream: a missing column makes every row meaningless, an
@@ -148,7 +148,7 @@ def feedback_expectations() -> list:
 
 
 def catalog_expectations() -> list:
-    P = lambda name: {"$PARAMETER": name}  # noqa: E731
+    P = lambda name: {"$PARAMETER": name}
     return [
         # Guards the join key of every event: two rows for one item make lookups ambiguous.
         _e(gxe.ExpectColumnValuesToBeUnique, "item_id_unique", CRITICAL, "item_id unique", column="item_id"),

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_checks.suites import (BATCH, CATALOG_SUITE, CRITICAL, FEEDBACK_SUITE, ROW, rule_of)
+from data_checks.suites import BATCH, CATALOG_SUITE, CRITICAL, FEEDBACK_SUITE, ROW, rule_of
 from recloop.schema import FEEDBACK_COLUMNS, FEEDBACK_OPTIONAL, LABEL_BY_EVENT
 
 ZONE_PATTERN = r"(?:Z|[+-]\d{2}:?\d{2})\s*$"
@@ -78,7 +78,7 @@ class ValidationOutcome:
         return _jsonable(d)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ValidationOutcome":
+    def from_dict(cls, d: dict) -> ValidationOutcome:
         d = dict(d)
         d["expectations"] = [ExpectationOutcome(**e) for e in d.get("expectations", [])]
         return cls(**d)
@@ -234,7 +234,7 @@ def validate_frame(v: pd.DataFrame, settings, *, now=None, run_name: str | None 
     # an expectation that could not run (e.g. its column is missing) is critical whatever its severity
     broken = [o for o in outs if o.severity != CRITICAL and o.error]
     for o in critical:
-        if o.error and not (o.rule == "schema"):
+        if o.error and o.rule != "schema":
             if any(c.rule == "schema" for c in critical):
                 continue  # the schema reason already says which column is missing
             reasons.append(f"critical: {o.rule} could not be evaluated: {o.error}")
@@ -259,7 +259,7 @@ def validate_frame(v: pd.DataFrame, settings, *, now=None, run_name: str | None 
     for rule, idx in row_hits.items():
         if len(idx):
             row_reasons[idx] = row_reasons[idx] + (rule + "; ")
-            counts[rule] = int(len(idx))
+            counts[rule] = len(idx)
     row_reasons = pd.Series(row_reasons, dtype=object).str.rstrip("; ")
     bad = (row_reasons != "").to_numpy()
     n_bad_rows = int(bad.sum())

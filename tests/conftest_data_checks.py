@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from recloop.schema import EVENT_TYPES, LABEL_BY_EVENT
 
@@ -41,9 +40,8 @@ def make_events(n: int = 200, seed: int = 0, prefix: str = "ev", n_items: int = 
     })
 
 
-@pytest.fixture
-def dc_settings(settings):
-    """A workspace with a 30-item catalog in the store; Data Docs off (fast) unless a test turns them on."""
+def with_catalog(settings):
+    """The workspace with a 30-item catalog in the store; Data Docs off (fast) unless a test turns them on."""
     from recloop.store import FeedbackStore
 
     settings.checks.data_docs = False

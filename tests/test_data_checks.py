@@ -10,7 +10,12 @@ import pytest
 
 from data_checks.validate import ValidationOutcome, validate_catalog, validate_feedback_batch
 from recloop.store import FeedbackStore
-from tests.conftest_data_checks import NOW, dc_settings, make_catalog, make_events  # noqa: F401
+from tests.conftest_data_checks import NOW, make_catalog, make_events, with_catalog
+
+
+@pytest.fixture
+def dc_settings(settings):
+    return with_catalog(settings)
 
 
 def check(settings, df, now=NOW):

@@ -17,7 +17,13 @@ import data_checks.ingest as ingest_mod
 from data_checks.ingest import ingest_all, ingest_batch, pending_batches, sidecar_path
 from data_checks.quarantine import list_quarantine, release
 from recloop.store import FeedbackStore
-from tests.conftest_data_checks import NOW, dc_settings, land, make_catalog, make_events  # noqa: F401
+from tests.conftest_data_checks import NOW, land, make_catalog, make_events, with_catalog
+
+
+@pytest.fixture
+def dc_settings(settings):
+    return with_catalog(settings)
+
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +72,7 @@ def test_unreadable_files_are_quarantined_with_a_reason(dc_settings, name, conte
 
 
 def test_empty_and_truncated_parquet(dc_settings):
-    empty = land(dc_settings, make_events(5).iloc[:0], "empty.parquet")
+    land(dc_settings, make_events(5).iloc[:0], "empty.parquet")
     full = land(dc_settings, make_events(300), "cut.parquet")
     data = full.read_bytes()
     full.write_bytes(data[: len(data) // 2])  # a transfer that stopped half-way
@@ -162,7 +168,7 @@ def test_kill_between_append_and_move_in_a_subprocess(dc_settings):
         ing.ingest_batch({str(path)!r}, s, now=pd.Timestamp({str(NOW)!r}))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECLOOP_")}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert path.exists() and store_of(dc_settings).count() == 150
     out = ingest_batch(path, dc_settings, now=NOW)

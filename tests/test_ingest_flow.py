@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest_data_checks import dc_settings, land, make_events  # noqa: F401
+from tests.conftest_data_checks import land, make_events, with_catalog
+
+
+@pytest.fixture
+def dc_settings(settings):
+    return with_catalog(settings)
 
 
 def start_recording_events(monkeypatch):
