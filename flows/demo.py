@@ -128,7 +128,7 @@ def _run_wave(label, wave, settings, stage, run_deployment) -> dict:
     ingest = run_deployment("ingest/ingest", timeout=600)
     _check(ingest, "ingest")
     processed = len(list(settings.processed_dir.glob("*.parquet")))
-    quarantined = sorted(p.name for p in settings.quarantine_dir.glob("*.parquet"))
+    quarantined = sorted(p.name for p in settings.quarantine_dir.glob("*.parquet") if ".rejected." not in p.name)
     stage(f"{label}: ingest", t0, f"{len(wave)} files -> {processed} processed so far, quarantined: "
                                   f"{', '.join(quarantined) or 'none'} (run {ingest.name})")
     t0 = time.perf_counter()

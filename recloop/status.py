@@ -9,7 +9,8 @@ def _count(folder) -> int:
     """Batch files in a folder (validation results ``*.json`` beside them are not batches)."""
     if not folder.exists():
         return 0
-    return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".json")
+    return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".json"
+               and ".rejected." not in p.name)  # rows split off a partly valid batch are not a batch
 
 
 def workspace_status(settings) -> dict:

