@@ -432,3 +432,41 @@ def test_serves_the_registry_champion_and_follows_the_alias(settings, tiny_world
         c.set_registered_model_alias(settings.model_name, "champion", v2)
         assert app.state.holder.poll_once() is True
         assert client.get("/recommend", params={"user_id": "u0001"}).json()["model_version"] == v2
+
+
+@pytest.mark.slow
+def test_recloop_serve_runs_uvicorn_over_loopback(settings, tiny_world, tiny_models):
+    """`recloop serve` in a subprocess, answered over real HTTP (httpx)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    FeedbackStore.from_settings(settings).upsert_catalog(tiny_world.catalog)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).with_name("recloop")
+    proc = subprocess.Popen([str(exe), "serve", "--workspace", str(settings.root), "--port", str(port),
+                             "--model-dir", str(tiny_models), "--log-level", "warning"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            while True:
+                assert proc.poll() is None, "server exited"
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server not ready in 120 s"
+                time.sleep(0.3)
+            r = client.get("/recommend", params={"user_id": "someone", "k": 4})
+            assert r.status_code == 200 and len(r.json()["items"]) == 4 and r.json()["model_version"] == "1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
