@@ -85,8 +85,9 @@ def run_once(args) -> dict:
     original = train_mod.TextSource
 
     class CountingSource(original):  # keep a handle on the text source to read its token counters
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
+        def __init__(self, encoder, mode, item_texts, query_texts, *a, **kw):
+            super().__init__(encoder, mode, item_texts, query_texts, *a, **kw)
+            self.bench_texts = list(item_texts) + list(query_texts)
             sources.append(self)
 
     train_mod.TextSource = CountingSource
@@ -104,7 +105,7 @@ def run_once(args) -> dict:
     # encoder FLOPs
     src = sources[0]
     if src.kind == "frozen":
-        texts = list(dict.fromkeys([*src_texts(trained)]))
+        texts = src.bench_texts
         _, mask = enc.tokenize(texts) if texts else (None, None)
         tokens = int(mask.sum()) if mask is not None else 0
         seq = float(mask.sum(1).float().mean()) if mask is not None else 0.0
@@ -128,10 +129,6 @@ def run_once(args) -> dict:
         "test": {name: {k: r[k] for k in ("auc", "cold_item_auc", "ndcg_at_k", "recall_at_k")} for name, r in m.items()},
         "n_cold_test_events": next(iter(m.values()))["n_cold_events"],
     }
-
-
-def src_texts(trained):
-    return list(trained.model._text_cache)
 
 
 def main(argv=None) -> int:
@@ -164,8 +161,10 @@ def main(argv=None) -> int:
         print(f"  {name:22s} AUC {row['auc']:.4f}  cold-item AUC {row['cold_item_auc']:.4f}  "
               f"NDCG@10 {row['ndcg_at_k']:.4f}  Recall@10 {row['recall_at_k']:.4f}")
     md = summary["median"]
-    print(f"  wall train+eval {md['wall_train_eval_s']:.1f}s (train {md['train_s']:.1f}s; phases "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in r["phases"].items()) + ")")
+    print("  per run: wall " + ", ".join(f"{x['wall_train_eval_s']:.1f}s" for x in runs)
+          + "; examples/s " + ", ".join(f"{x['examples_per_s']:.0f}" for x in runs))
+    print(f"  median wall train+eval {md['wall_train_eval_s']:.1f}s (train {md['train_s']:.1f}s; phases "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in r["phases"].items()) + " in the last run)")
     print(f"  {md['examples_per_s']:.0f} training examples/s over {r['epochs']} epochs; best val AUC "
           f"{r['best_val_auc']:.4f}")
     print(f"  encoder {md['encoder_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * md['encoder_utilisation']:.1f}% of a "
