@@ -35,9 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PRESETS = {
-    "default": dict(),  # SyntheticConfig defaults: 500 users, 28 days, ~38k events
-    "100k": dict(n_users=1500, n_days=28),
-    "small": dict(n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16),
+    "default": {},  # SyntheticConfig defaults: 500 users, 28 days, ~38k events
+    "100k": {"n_users": 1500, "n_days": 28},
+    "small": {"n_users": 120, "n_items": 80, "n_days": 14, "drift_day": 9, "drift_items": 16},
 }
 
 
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     runs = [run_once(args) for _ in range(args.repeats)]
-    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    med = lambda key: statistics.median(r[key] for r in runs)
     summary = {"runs": runs, "median": {k: med(k) for k in ("wall_train_eval_s", "train_s", "examples_per_s",
                                                            "encoder_flops_per_s", "encoder_utilisation")},
                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, python {sys.version.split()[0]}"}

@@ -41,7 +41,7 @@ class PopularityBaseline:
         self.prior = 0.5
         self.rates: pd.Series = pd.Series(dtype="float64")
 
-    def fit(self, events: pd.DataFrame) -> "PopularityBaseline":
+    def fit(self, events: pd.DataFrame) -> PopularityBaseline:
         _check(events)
         if events.empty:
             raise ValueError("no events to fit on")
@@ -63,7 +63,7 @@ class MatrixFactorizationBaseline:
         self.users: dict[str, int] = {}
         self.items: dict[str, int] = {}
 
-    def fit(self, events: pd.DataFrame) -> "MatrixFactorizationBaseline":
+    def fit(self, events: pd.DataFrame) -> MatrixFactorizationBaseline:
         _check(events)
         if events.empty:
             raise ValueError("no events to fit on")

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
 
 from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
 
+TestFractionOpt = typer.Option(0.2, help="Last part of the window (by time) held out as the test set")
+ModeOpt = typer.Option(None, help="Override settings.training.mode: frozen | top_layers=k | full")
+MaxEpochsOpt = typer.Option(None, help="Override settings.training.max_epochs")
+SaveOpt = typer.Option(None, help="Also save the trained model to this folder")
+
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
         workspace: Path = WorkspaceOpt,
-        test_fraction: float = typer.Option(0.2, help="Last part of the window (by time) held out as the test set"),
-        mode: str = typer.Option(None, help="Override settings.training.mode: frozen | top_layers=k | full"),
-        max_epochs: int = typer.Option(None, help="Override settings.training.max_epochs"),
-        save: Path = typer.Option(None, help="Also save the trained model to this folder"),
+        test_fraction: float = TestFractionOpt,
+        mode: str = ModeOpt,
+        max_epochs: int = MaxEpochsOpt,
+        save: Path = SaveOpt,
         as_json: bool = JsonOpt,
     ):
         """Train the BERT recommender on the store (earlier part) and compare it with popularity and MF on the
@@ -52,7 +58,7 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return "nan" if v != v else f"{v:.4f}"
+        return "nan" if math.isnan(v) else f"{v:.4f}"
     return str(v)
 
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from models import _quiet  # noqa: F401  (before lightning is imported)
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from models import _quiet  # noqa: F401  (before lightning is imported)
 from models.features import point_in_time_features
 from recloop.schema import item_text
 
@@ -43,7 +43,7 @@ def time_split(events: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame,
     cut = t0 + (t1 - t0) * (1.0 - val_fraction)
     is_val = (ev["timestamp"] > cut).to_numpy()
     if is_val.all() or not is_val.any():  # degenerate clock: fall back to row order
-        is_val = np.arange(len(ev)) >= int(round(len(ev) * (1.0 - val_fraction)))
+        is_val = np.arange(len(ev)) >= round(len(ev) * (1.0 - val_fraction))
     return ev[~is_val].reset_index(drop=True), ev[is_val].reset_index(drop=True)
 
 
@@ -79,7 +79,7 @@ class ItemIndex:
         self.position = {k: i for i, k in enumerate(self.item_ids)}
 
     @classmethod
-    def from_catalog(cls, catalog: pd.DataFrame, extra_ids=()) -> "ItemIndex":
+    def from_catalog(cls, catalog: pd.DataFrame, extra_ids=()) -> ItemIndex:
         cat = catalog.drop_duplicates("item_id", keep="last")
         ids = cat["item_id"].astype(str).tolist()
         texts = item_text(cat).tolist()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from models import _quiet  # noqa: F401  (before lightning is imported)
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
+from models import _quiet  # noqa: F401  (before lightning is imported)
 from models.network import TextSource, TwoTowerWide
 
 
@@ -85,7 +85,7 @@ class RecommenderModule(pl.LightningModule):
             enc_params = [p for p in self.texts.encoder.parameters() if p.requires_grad]
             enc_ids = {id(p) for p in enc_params}
         head_params = [p for p in self.parameters() if p.requires_grad and id(p) not in enc_ids]
-        no_decay = lambda p: p.ndim < 2  # noqa: E731 - biases, norms, temperature
+        no_decay = lambda p: p.ndim < 2
         groups = [
             {"params": [p for p in head_params if not no_decay(p)], "lr": self.lr_heads,
              "weight_decay": self.weight_decay},

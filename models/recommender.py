@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +68,12 @@ class Recommender:
                       str(out / "text_vectors.safetensors"))
         (out / "text_index.json").write_text(json.dumps({"texts": texts}), encoding="utf-8")
         cfg = dict(self.config)
-        cfg["saved_at"] = datetime.now(timezone.utc).isoformat()
+        cfg["saved_at"] = datetime.now(UTC).isoformat()
         (out / "config.json").write_text(json.dumps(cfg, indent=1, default=str), encoding="utf-8")
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Recommender":
+    def load(cls, directory: str | Path) -> Recommender:
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -193,7 +193,7 @@ class Recommender:
             if len(queries) != len(user_ids):
                 raise ValueError("queries must have one entry per user id")
             pairs["query"] = pd.Series(list(queries), dtype="string")
-        pairs, items, tower, feats, q = self._prepare(pairs, history, catalog)
+        pairs, _items, tower, feats, q = self._prepare(pairs, history, catalog)
         users = encode_ids(pairs["user_id"], self.user_vocab)
         with torch.no_grad():
             u = self._users(tower, feats, users, q, slice(0, len(pairs)))

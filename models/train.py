@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from models import _quiet  # noqa: F401  (before lightning is imported)
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, EarlyStopping
 
+from models import _quiet  # noqa: F401  (before lightning is imported)
 from models.baselines import torch_threads
 from models.data import RecDataModule
 from models.features import WIDE_COLUMNS

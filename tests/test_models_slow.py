@@ -70,7 +70,7 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_PORT": "29533",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["epochs"] == 2 and result["best_val_auc"] is not None

@@ -117,7 +117,7 @@ def test_save_load_round_trip_without_pickle(tiny_settings, world, tmp_path):
     assert not any(n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt")) for n in names)
     for p in path.rglob("*"):  # no pickle protocol header anywhere
         if p.is_file():
-            assert not p.read_bytes()[:2] == b"\x80\x04", p
+            assert p.read_bytes()[:2] != b"\x80\x04", p
     loaded = Recommender.load(path)
     np.testing.assert_array_equal(before, loaded.score(pairs, world.events, world.catalog))
     ids, vecs = loaded.item_vectors(world.catalog)
