@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,15 @@ class StoreData:
             return self.events.iloc[0:0]
         return self.events.iloc[rows]
 
+    @cached_property
+    def _popularity(self) -> pd.Series:
+        return self._compute_popularity()
+
     def popularity(self) -> pd.Series:
+        """Cached per snapshot: computed once, on the first cold-start request after a refresh."""
+        return self._popularity
+
+    def _compute_popularity(self) -> pd.Series:
         """Smoothed positive rate times log-exposure: popular *and* liked, item_id -> score."""
         if self.shown.empty:
             return pd.Series(dtype=float)
