@@ -83,13 +83,10 @@ class ItemIndex:
         cat = catalog.drop_duplicates("item_id", keep="last")
         ids = cat["item_id"].astype(str).tolist()
         texts = item_text(cat).tolist()
-        known = set(ids)
-        for x in pd.unique(pd.Series(list(extra_ids), dtype="string").dropna()):
-            if x not in known:  # an item only seen in events: its id is all the text there is
-                ids.append(str(x))
-                texts.append(str(x))
-                known.add(x)
-        return cls(ids, texts)
+        extra = extra_ids if isinstance(extra_ids, pd.Series) else pd.Series(list(extra_ids), dtype="object")
+        extra = pd.Index(extra.dropna().astype(str).unique())
+        new = extra[~extra.isin(ids)].tolist()  # items only seen in events: their id is all the text there is
+        return cls(ids + new, texts + new)
 
 
 def encode_ids(values: pd.Series, vocab: dict[str, int]) -> np.ndarray:

@@ -100,19 +100,18 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     if prior is None:
         prior = float(pd.to_numeric(history["label"]).mean()) if len(history) else 0.5
     prior = float(np.clip(prior, 0.01, 0.99))
-    all_t = _times_ns(history["timestamp"], len(history))
-    real = all_t[all_t != _NO_TIME]
-    ref_now = real.max() if len(real) else pd.Timestamp.now(tz="UTC").value  # "now" for rows without a time
+    latest = pd.to_datetime(history["timestamp"].max(), utc=True) if len(history) else pd.NaT
+    ref_now = (latest if pd.notna(latest) else pd.Timestamp.now(tz="UTC")).value  # "now" for rows without a time
     # only events of the rows' users or items can matter: drop the rest first (exact, and it
     # makes a serving-style call - one user, a few hundred candidates - cheap on a large store)
     if len(history) > 2 * len(rows):
         keep = (history["user_id"].isin(rows["user_id"].unique())
                 | history["item_id"].isin(rows["item_id"].unique())).to_numpy()
-        history, all_t = history[keep], all_t[keep]
+        history = history[keep]
     history = history.reset_index(drop=True)
     n = len(rows)
     row_t = _times_ns(rows["timestamp"] if "timestamp" in rows.columns else None, n)
-    hist_t = all_t
+    hist_t = _times_ns(history["timestamp"], len(history))
     labels = history["label"].to_numpy(dtype=np.int64, na_value=0)
     uniq, inv = np.unique(np.concatenate([hist_t, row_t]), return_inverse=True)
     hist_r, row_r = inv[: len(hist_t)].astype(np.int64), inv[len(hist_t):].astype(np.int64)
