@@ -8,6 +8,7 @@ promotion is the last step.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
@@ -32,10 +33,11 @@ baseline = task(pipeline.baseline_auc, name="popularity-baseline", cache_policy=
 
 
 @task(name="decide", cache_policy=NO_CACHE)
-def decide(candidate_eval, champion_eval, settings, base_auc):
+def decide(candidate_eval, champion_eval, settings, base_auc, champion_version=None):
     from models.gates import decide_promotion
 
-    return decide_promotion(candidate_eval, champion_eval, settings, baseline_auc=base_auc)
+    return decide_promotion(candidate_eval, champion_eval, settings, baseline_auc=base_auc,
+                            champion_version=champion_version)
 
 
 @task(name="log-and-register", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
@@ -94,14 +96,28 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
     drift_report = drift_report or None  # an event without a report renders the template as ""
     ensure_retrain_limit()
     with concurrency(RETRAIN_LIMIT, occupy=1, strict=True):
+        held_from = datetime.now(timezone.utc).isoformat()
         _storm(settings, "started", reason=reason)
-        ok = False
+        ok, error = False, None
         try:
             outcome = _retrain(settings, reason, drift_report, logger)
             ok = True
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("retrain failed, champion untouched: %s", error)
+            raise
         finally:
             _storm(settings, "finished", succeeded=ok)
+            _audit(settings, {"flow_run_id": str(runtime.flow_run.id or ""), "reason": reason, "held_from": held_from,
+                              "held_to": datetime.now(timezone.utc).isoformat(), "succeeded": ok, "error": error})
     return outcome
+
+
+def _audit(settings, record: dict) -> None:
+    """One line per retrain that held the slot: when, why, how it ended (state/retrain_runs.jsonl)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.state_dir / "retrain_runs.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def _retrain(settings, reason, drift_report, logger) -> dict:
@@ -113,7 +129,7 @@ def _retrain(settings, reason, drift_report, logger) -> dict:
     cand_eval = evaluate(settings, trained.model, data)
     champ_eval = evaluate(settings, champ_model, data) if champ_model is not None else None
     base = baseline(data)
-    decision = decide(cand_eval, champ_eval, settings, base)
+    decision = decide(cand_eval, champ_eval, settings, base, champ_version)
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else ""
     lineage = {**data.lineage(), "trigger_reason": reason, "prefect_flow_run_id": flow_run_id,
                "git_commit": pipeline.git_commit() or "", "champion_version_judged_against": champ_version or ""}

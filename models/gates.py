@@ -10,8 +10,8 @@ Rules (thresholds from :class:`recloop.settings.GateSettings`):
 ==========================  ==========================================================
 ``min_auc``                 candidate AUC ≥ ``min_auc``
 ``min_ndcg``                candidate NDCG@k ≥ ``min_ndcg``
-``beats_popularity``        candidate AUC > the popularity baseline's AUC on the same
-                            events (strictly: a tie does not beat it). No baseline given
+``beats_popularity``        candidate AUC > the popularity baseline's AUC + ``baseline_margin``
+                            on the same events (strictly: a tie does not beat it). No baseline given
                             → fails closed unless ``require_baseline = false``.
 ``vs_champion_auc``         paired on ``event_id``: AUC(candidate) − AUC(champion)
                             ≥ −``max_auc_drop`` (``rule = "non_inferior"``) or
@@ -344,8 +344,10 @@ def decide_promotion(
         rules.append(GateRule("beats_popularity", _json_num(candidate.auc), None, False,
                               "fails closed: no popularity-baseline AUC was given for these events", None, ">"))
     else:
-        rules.append(_rule("beats_popularity", candidate.auc, baseline_auc, ">",
-                           "must beat the popularity baseline's AUC on the same events",
+        margin_note = f" by more than {g.baseline_margin:+g}" if g.baseline_margin else ""
+        rules.append(_rule("beats_popularity", candidate.auc, baseline_auc + g.baseline_margin, ">",
+                           f"must beat the popularity baseline's AUC ({baseline_auc:.4f}) on the same events"
+                           + margin_note,
                            why_nan=candidate.reasons.get("auc") or "baseline AUC undefined"))
 
     # relative to the champion, paired on event_id

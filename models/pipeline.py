@@ -167,7 +167,7 @@ def run_retrain(settings, reason: str = "manual", flow_run_id: str | None = None
     cand_eval = evaluate_model(settings, trained.model, data)
     champ_eval = evaluate_model(settings, champion, data) if champion is not None else None
     base = baseline_auc(data)
-    decision = decide_promotion(cand_eval, champ_eval, settings, baseline_auc=base)
+    decision = decide_promotion(cand_eval, champ_eval, settings, baseline_auc=base, champion_version=champion_version)
     lineage = {**data.lineage(), "trigger_reason": reason, "prefect_flow_run_id": flow_run_id or "",
                "git_commit": git_commit() or "", "champion_version_judged_against": champion_version or ""}
     run_id, version = log_and_register(

@@ -86,6 +86,7 @@ class GateSettings(BaseModel):
     group_columns: list[str] = Field(default_factory=lambda: ["gender", "age_bucket"])
     k: int = 10
     require_baseline: bool = True  # no popularity-baseline AUC given -> that rule fails closed
+    baseline_margin: float = 0.0  # the candidate must beat the popularity baseline's AUC by more than this
     decide_on: Literal["point", "ci_lower"] = "point"  # champion rule on the paired AUC delta or its CI lower bound
     bootstrap_unit: Literal["event", "user"] = "event"  # what the paired bootstrap resamples
     bootstrap_seed: int = 0

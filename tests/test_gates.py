@@ -283,3 +283,12 @@ def test_bootstrap_interval_covers_the_true_difference(unit):
         covered += ci.low <= true <= ci.high
     coverage = covered / sims
     assert 0.88 <= coverage <= 0.99, coverage
+
+
+def test_baseline_margin_raises_or_lowers_the_popularity_bar():
+    cand = make_eval(auc_=0.70)
+    strict = decide_promotion(cand, None, GateSettings(baseline_margin=0.05), baseline_auc=0.68)
+    loose = decide_promotion(cand, None, GateSettings(baseline_margin=-0.2), baseline_auc=0.68)
+    assert not rule(strict, "beats_popularity").passed
+    assert rule(strict, "beats_popularity").threshold == pytest.approx(0.73)
+    assert rule(loose, "beats_popularity").passed
