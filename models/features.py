@@ -165,12 +165,206 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
         q = rows["query"].astype("string")
         has_query = (q.notna() & (q.str.strip().str.len() > 0)).fillna(False).to_numpy(dtype=np.float32)
 
-    def rate(pos, cnt):  # smoothed like-rate, as a log-odds (the head is linear in logits)
-        p = np.clip((pos + SMOOTHING * prior) / (cnt + SMOOTHING), 1e-4, 1.0 - 1e-4)
-        return np.log(p / (1.0 - p))
-
     wide = np.stack([
-        rate(u_pos, u_n), np.log1p(u_n), rate(i_pos, i_n), np.log1p(i_n),
-        rate(c_pos, c_n), np.log1p(c_n), np.log1p(age_days), has_query,
+        _rate(u_pos, u_n, prior), np.log1p(u_n), _rate(i_pos, i_n, prior), np.log1p(i_n),
+        _rate(c_pos, c_n, prior), np.log1p(c_n), np.log1p(age_days), has_query,
     ], axis=1).astype(np.float32)
     return PointInTimeFeatures(hist_items, hist_count, wide)
+
+
+def _rate(pos, cnt, prior: float):
+    """Smoothed like-rate as a log-odds (the head is linear in logits)."""
+    p = np.clip((pos + SMOOTHING * prior) / (cnt + SMOOTHING), 1e-4, 1.0 - 1e-4)
+    return np.log(p / (1.0 - p))
+
+
+# --------------------------------------------------------------------------- serving: "as of now"
+UNKNOWN_CATEGORY = "<unknown>"  # items not in the catalog (as in point_in_time_features)
+
+
+@dataclass(frozen=True)
+class UserStats:
+    """One user's statistics over a whole snapshot (see :meth:`ServingStats.user`)."""
+
+    user_id: str
+    n: int  # events
+    n_pos: int  # positive events
+    cat_n: np.ndarray  # int64 [n_cat] events per category
+    cat_pos: np.ndarray  # int64 [n_cat] positives per category
+    positives: np.ndarray  # int64 item positions of the positive events, oldest first (repeats kept)
+
+
+@dataclass(frozen=True, eq=False)
+class ServingStats:
+    """Statistics of one history snapshot for scoring rows **without a timestamp** fast.
+
+    Built once per snapshot (vectorised; for serving: at store-refresh time, off the request
+    path); afterwards :meth:`user` and :meth:`wide` are a few array lookups per call, no pandas.
+    For any ``(user, item)`` the result equals :func:`point_in_time_features` of a row without
+    a timestamp over the same ``history`` and ``catalog``: every event with a valid time counts,
+    "now" (for item age) is the latest history time, categories and creation times come from
+    ``catalog`` (last row per item wins), items only seen in events have category ``<unknown>``.
+    Item positions run over the catalog items (deduplicated, last wins) and then the items
+    only seen in ``history``: the same order as ``models.data.ItemIndex.from_catalog``.
+    """
+
+    item_ids: np.ndarray  # object [n_items]
+    item_pos: dict  # item_id -> position
+    item_texts: list  # the model's text per item (the id for items only seen in events)
+    item_cat: np.ndarray  # int64 [n_items] category code
+    item_n: np.ndarray  # int64 [n_items] events per item
+    item_n_pos: np.ndarray  # int64 [n_items] positives per item
+    item_log_age: np.ndarray  # float64 [n_items] log1p(age in days at ref_now), 0 without created_at
+    categories: list  # code -> category string
+    unknown_cat: int  # code of UNKNOWN_CATEGORY
+    ref_now: int  # ns: the latest history time (or the build time for an empty history)
+    user_index: dict  # user_id -> row of user_start
+    user_start: np.ndarray  # int64 [n_users + 1]: each user's slice of ev_item / ev_label
+    ev_item: np.ndarray  # int64 item positions of the events, sorted by (user, time), stable
+    ev_label: np.ndarray  # int64 labels in the same order
+    n_events: int
+    catalog: pd.DataFrame | None = None  # the frame the catalog part was built from (for reuse)
+    _catalog_part: dict | None = None
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def build(cls, history: pd.DataFrame, catalog: pd.DataFrame,
+              previous: ServingStats | None = None) -> ServingStats:
+        """Statistics of ``history`` (user_id, item_id, label, timestamp) against ``catalog``
+        (an ``item_id`` column; ``category``, ``created_at`` and the text columns used when present).
+
+        ``previous``: stats built from the *same* catalog object; its catalog part is reused.
+        """
+        missing = {"user_id", "item_id", "label", "timestamp"} - set(history.columns)
+        if missing:
+            raise ValueError(f"history is missing columns {sorted(missing)}")
+        if "item_id" not in catalog.columns:
+            raise ValueError("the catalog needs an 'item_id' column")
+        if previous is not None and previous.catalog is catalog and previous._catalog_part is not None:
+            part = previous._catalog_part
+        else:
+            part = _catalog_part(catalog)
+
+        t = _times_ns(history["timestamp"], len(history))
+        valid = t != _NO_TIME  # rows without a time see every event with a time, never a NaT one
+        ref_now = int(t[valid].max()) if valid.any() else pd.Timestamp.now(tz="UTC").value
+        users = history["user_id"].astype(str).to_numpy(dtype=object)[valid]
+        items = history["item_id"].astype(str).to_numpy(dtype=object)[valid]
+        labels = history["label"].to_numpy(dtype=np.int64, na_value=0)[valid]
+        t = t[valid]
+
+        # item positions: catalog items, then items only seen in events (first-seen order)
+        ev_item = part["index"].get_indexer(items).astype(np.int64)
+        base_ids = part["ids"]
+        extra = pd.unique(items[ev_item < 0]) if (ev_item < 0).any() else np.empty(0, dtype=object)
+        item_ids = np.concatenate([base_ids, np.asarray(extra, dtype=object)]) if len(extra) else base_ids
+        if len(extra):
+            ev_item[ev_item < 0] = len(base_ids) + pd.Index(extra).get_indexer(items[ev_item < 0])
+            item_pos = {**part["pos"], **{str(x): len(base_ids) + k for k, x in enumerate(extra)}}
+        else:
+            item_pos = part["pos"]
+        n_items = len(item_ids)
+        categories = part["categories"]
+        unknown_cat = part["unknown_cat"]
+        item_cat = np.concatenate([part["cat"], np.full(len(extra), unknown_cat, dtype=np.int64)])
+        created = np.concatenate([part["created_ns"], np.full(len(extra), _NO_TIME, dtype=np.int64)])
+        has_created = created != _NO_TIME
+        age = np.where(has_created, (ref_now - np.where(has_created, created, 0)) / 86_400e9, 0.0)
+        item_log_age = np.log1p(np.clip(age, 0.0, None))
+        item_texts = part["texts"] + [str(x) for x in extra]
+
+        item_n = np.bincount(ev_item, minlength=n_items).astype(np.int64)
+        item_n_pos = np.bincount(ev_item, weights=labels, minlength=n_items).round().astype(np.int64)
+
+        # events grouped by user, time order inside (stable: ties keep the history's order)
+        ucode, uniq = pd.factorize(pd.Series(users, dtype=object), sort=False)
+        ucode = np.asarray(ucode, dtype=np.int64)
+        order = np.lexsort((t, ucode))
+        counts = np.bincount(ucode, minlength=len(uniq))
+        user_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(item_ids=item_ids, item_pos=item_pos, item_texts=item_texts, item_cat=item_cat,
+                   item_n=item_n, item_n_pos=item_n_pos, item_log_age=item_log_age, categories=categories,
+                   unknown_cat=unknown_cat, ref_now=ref_now,
+                   user_index={str(u): k for k, u in enumerate(uniq)}, user_start=user_start,
+                   ev_item=ev_item[order], ev_label=labels[order], n_events=int(len(labels)),
+                   catalog=catalog, _catalog_part=part)
+
+    def user(self, user_id: str) -> UserStats:
+        """The user's counts (all, per category) and positive items; zeros for an unknown user."""
+        n_cat = len(self.categories)
+        k = self.user_index.get(str(user_id))
+        if k is None:
+            z = np.zeros(n_cat, dtype=np.int64)
+            return UserStats(str(user_id), 0, 0, z, z, np.empty(0, dtype=np.int64))
+        s, e = int(self.user_start[k]), int(self.user_start[k + 1])
+        items, labels = self.ev_item[s:e], self.ev_label[s:e]
+        cats = self.item_cat[items]
+        cat_n = np.bincount(cats, minlength=n_cat).astype(np.int64)
+        cat_pos = np.bincount(cats, weights=labels, minlength=n_cat).round().astype(np.int64)
+        return UserStats(str(user_id), e - s, int(labels.sum()), cat_n, cat_pos, items[labels == 1])
+
+    def positions(self, item_ids) -> np.ndarray:
+        """Item positions (-1 for items neither in the catalog nor in the history)."""
+        get = self.item_pos.get
+        return np.fromiter((get(str(i), -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def history_items(self, user: UserStats, history_len: int) -> np.ndarray:
+        """``history_items`` of :func:`point_in_time_features` for a row without a time: [history_len]."""
+        last = user.positives[-history_len:] if history_len > 0 else user.positives[:0]
+        out = np.full(history_len, -1, dtype=np.int64)
+        if len(last):
+            out[history_len - len(last):] = last
+        return out
+
+    def wide(self, user: UserStats, positions: np.ndarray, has_query: bool, prior: float) -> np.ndarray:
+        """``wide`` of :func:`point_in_time_features` for ``user`` x items at ``positions`` (no time)."""
+        prior = float(np.clip(prior, 0.01, 0.99))
+        pos = np.asarray(positions, dtype=np.int64)
+        n = len(pos)
+        known = pos >= 0
+        p = np.where(known, pos, 0)
+        i_n = np.where(known, self.item_n[p], 0) if self.n_items else np.zeros(n, dtype=np.int64)
+        i_pos = np.where(known, self.item_n_pos[p], 0) if self.n_items else np.zeros(n, dtype=np.int64)
+        cat = np.where(known, self.item_cat[p], self.unknown_cat) if self.n_items else \
+            np.full(n, self.unknown_cat, dtype=np.int64)
+        c_n, c_pos = user.cat_n[cat], user.cat_pos[cat]
+        age = np.where(known, self.item_log_age[p], 0.0) if self.n_items else np.zeros(n)
+        u_n, u_pos = np.int64(user.n), np.int64(user.n_pos)
+        return np.stack([
+            np.full(n, _rate(u_pos, u_n, prior)), np.full(n, np.log1p(u_n)), _rate(i_pos, i_n, prior),
+            np.log1p(i_n), _rate(c_pos, c_n, prior), np.log1p(c_n), age,
+            np.full(n, 1.0 if has_query else 0.0),
+        ], axis=1).astype(np.float32)
+
+
+def _catalog_part(catalog: pd.DataFrame) -> dict:
+    """What the serving statistics take from the catalog alone (reused while the catalog is unchanged)."""
+    from recloop.schema import item_text
+
+    cat = catalog.drop_duplicates("item_id", keep="last")
+    ids = cat["item_id"].astype(str).to_numpy(dtype=object)
+    if "category" in cat.columns:
+        names = cat["category"].astype("string").fillna("<none>").astype(str).to_numpy(dtype=object)
+    else:
+        names = np.full(len(cat), "<none>", dtype=object)
+    codes, categories = pd.factorize(pd.Series(names, dtype=object), sort=False)
+    categories = [str(c) for c in categories]
+    if UNKNOWN_CATEGORY in categories:
+        unknown_cat = categories.index(UNKNOWN_CATEGORY)
+    else:
+        unknown_cat = len(categories)
+        categories.append(UNKNOWN_CATEGORY)
+    if "created_at" in cat.columns:
+        created = pd.to_datetime(cat["created_at"], utc=True)
+        created_ns = created.to_numpy(dtype="datetime64[ns]").view(np.int64).copy()
+        created_ns[created.isna().to_numpy()] = _NO_TIME
+    else:
+        created_ns = np.full(len(cat), _NO_TIME, dtype=np.int64)
+    texts = item_text(cat).tolist() if len(cat) and {"title", "category", "description"} <= set(cat.columns) \
+        else [str(i) for i in ids]
+    return {"ids": ids, "index": pd.Index(ids), "pos": {str(x): k for k, x in enumerate(ids)},
+            "cat": np.asarray(codes, dtype=np.int64), "categories": categories, "unknown_cat": unknown_cat,
+            "created_ns": created_ns, "texts": texts}

@@ -11,12 +11,26 @@ Artifact layout (``Recommender.save(dir)``), no pickle anywhere:
 Scoring is point-in-time (:mod:`models.features`): a row with a timestamp only sees
 ``history`` events strictly before it, a row without one sees all of ``history`` - so
 at serving time the freshest store contents drive the user profile and the statistics.
+
+Serving fast path (one user x many items, "as of now"): build
+:class:`models.features.ServingStats` once per store snapshot, then
+:meth:`Recommender.user_context` (the user-tower vector, computed once per request: used for
+retrieval *and* re-scoring) and :meth:`Recommender.score_items` - array lookups and a few small
+matrix products, no pandas per call. Equal to :meth:`Recommender.score` on rows without a
+timestamp over the same history and catalog (``tests/test_models_serving_path.py``).
+
+Thread safety: the text-vector caches are guarded by a lock, the item-tower cache is read
+once into a local; the networks run under ``torch.inference_mode`` in eval mode, so one
+Recommender can answer concurrent requests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,11 +40,54 @@ import torch
 import torch.nn.functional as F
 
 from models.data import ItemIndex, clean_queries, encode_ids
-from models.features import WIDE_COLUMNS, point_in_time_features
+from models.features import WIDE_COLUMNS, ServingStats, UserStats, point_in_time_features
 from models.network import TextEncoder, TwoTowerWide
 
 FORMAT_VERSION = 1
 HISTORY_COLUMNS = ("user_id", "item_id", "label", "timestamp")
+QUERY_CACHE_SIZE = 4096  # query texts (not seen in training) kept in the LRU of encoder vectors
+
+
+class _LRU:
+    """A small thread-safe LRU map (text -> vector)."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = max(0, int(maxsize))
+        self._d: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key: str, value: np.ndarray) -> None:
+        if self.maxsize == 0:
+            return
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._d
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """One request's user: the user-tower vector (computed once) and the user's statistics."""
+
+    user_id: str
+    vector: np.ndarray  # float32 [d], L2-normalised: retrieval against item vectors
+    tower: torch.Tensor  # [1, d] un-normalised user tower: the scoring head
+    stats: UserStats
+    has_query: bool
 
 
 def _empty_history() -> pd.DataFrame:
@@ -49,7 +106,9 @@ class Recommender:
         self.config = dict(config)
         self.user_vocab = {u: i + 1 for i, u in enumerate(self.config["user_vocab"])}
         self.item_vocab = {x: i + 1 for i, x in enumerate(self.config["item_vocab"])}
-        self._text_cache: dict[str, np.ndarray] = {}
+        self._text_cache: dict[str, np.ndarray] = {}  # item (and training query) texts: bounded by the catalog
+        self._query_cache = _LRU(QUERY_CACHE_SIZE)  # other query texts seen while serving
+        self._cache_lock = threading.Lock()
         self._tower_cache: tuple[int, ItemIndex, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ persistence
@@ -62,9 +121,11 @@ class Recommender:
         save_file(state, str(out / "weights.safetensors"))
         self.encoder.model.save_pretrained(out / "encoder", safe_serialization=True)
         self.encoder.tokenizer.save_pretrained(out / "encoder")
-        texts = list(self._text_cache)
+        with self._cache_lock:
+            cached = list(self._text_cache.items())
+        texts = [t for t, _ in cached]
         if texts:
-            save_file({"vectors": torch.as_tensor(np.stack([self._text_cache[t] for t in texts]))},
+            save_file({"vectors": torch.as_tensor(np.stack([v for _, v in cached]))},
                       str(out / "text_vectors.safetensors"))
         (out / "text_index.json").write_text(json.dumps({"texts": texts}), encoding="utf-8")
         cfg = dict(self.config)
@@ -109,21 +170,51 @@ class Recommender:
         }
 
     # ------------------------------------------------------------------ text vectors
-    def text_vectors(self, texts: list[str]) -> torch.Tensor:
-        """Encoder vectors of ``texts``; each distinct text is encoded once and cached."""
-        missing = sorted({t for t in texts if t not in self._text_cache})
+    def text_vectors(self, texts: list[str], queries: bool = False) -> torch.Tensor:
+        """Encoder vectors of ``texts``; each distinct text is encoded once and cached.
+
+        Item texts (and texts known from training) stay cached for the model's life and are saved
+        with it; with ``queries=True`` texts not already cached go to a bounded LRU
+        (``QUERY_CACHE_SIZE``) instead, so arbitrary search queries cannot grow memory.
+        """
+        found: dict[str, np.ndarray] = {}
+        missing: list[str] = []
+        for t in dict.fromkeys(texts):
+            v = self._text_cache.get(t)
+            if v is None and queries:
+                v = self._query_cache.get(t)
+            if v is None:
+                missing.append(t)
+            else:
+                found[t] = v
         if missing:
-            vecs = self.encoder.encode(missing).numpy()
-            for t, v in zip(missing, vecs):
-                self._text_cache[t] = v
+            missing.sort()
+            vecs = self._encode_query(missing[0]) if queries and len(missing) == 1 else \
+                self.encoder.encode(missing).numpy()
+            with self._cache_lock:
+                for t, v in zip(missing, vecs):
+                    found[t] = v
+                    if queries:
+                        self._query_cache.put(t, v)
+                    else:
+                        self._text_cache[t] = v
         if not texts:
             return torch.zeros((0, self.encoder.dim))
-        return torch.as_tensor(np.stack([self._text_cache[t] for t in texts]))
+        return torch.as_tensor(np.stack([found[t] for t in texts]))
+
+    def _encode_query(self, text: str) -> np.ndarray:
+        """One short text: one unpadded sequence, no autograd bookkeeping. [1, dim]"""
+        enc = self.encoder
+        ids, mask = enc.tokenize([text])
+        with torch.inference_mode():
+            out = enc(ids, mask)
+        return out.float().numpy().copy()
 
     def _item_tower(self, items: ItemIndex) -> torch.Tensor:
         key = hash((tuple(items.item_ids), tuple(items.texts)))
-        if self._tower_cache is not None and self._tower_cache[0] == key:
-            return self._tower_cache[2]
+        cache = self._tower_cache  # read once: another thread may replace it at any time
+        if cache is not None and cache[0] == key:
+            return cache[2]
         ids = torch.as_tensor([self.item_vocab.get(x, 0) for x in items.item_ids], dtype=torch.long)
         with torch.no_grad():
             tower = self.net.item_vectors(self.text_vectors(items.texts), ids)
@@ -157,7 +248,7 @@ class Recommender:
         qv = None
         if has.any():
             qv = torch.zeros((len(qs), self.encoder.dim))
-            qv[torch.as_tensor(has)] = self.text_vectors(qs[has].tolist())
+            qv[torch.as_tensor(has)] = self.text_vectors(qs[has].tolist(), queries=True)
         return self.net.user_vectors(tower, torch.as_tensor(feats.history_items[rows]),
                                      torch.as_tensor(user_ids[rows]), qv, torch.as_tensor(has))
 
@@ -198,6 +289,66 @@ class Recommender:
         with torch.no_grad():
             u = self._users(tower, feats, users, q, slice(0, len(pairs)))
         return F.normalize(u, dim=-1).numpy()
+
+    # ------------------------------------------------------------------ serving fast path
+    def serving_stats(self, history: pd.DataFrame | None, catalog: pd.DataFrame,
+                      previous: ServingStats | None = None) -> ServingStats:
+        """:class:`ServingStats` of a history snapshot (model-independent; build once per snapshot)."""
+        return ServingStats.build(_empty_history() if history is None or len(history) == 0 else history,
+                                  catalog, previous)
+
+    def _towers_at(self, stats: ServingStats, positions: np.ndarray, item_ids=None) -> torch.Tensor:
+        """Item-tower vectors (not normalised) of the items at ``positions`` (-1: ``item_ids[j]``, text = id)."""
+        texts = [stats.item_texts[p] if p >= 0 else str(item_ids[j]) for j, p in enumerate(positions.tolist())]
+        ids = [stats.item_ids[p] if p >= 0 else str(item_ids[j]) for j, p in enumerate(positions.tolist())]
+        vocab = torch.as_tensor([self.item_vocab.get(str(x), 0) for x in ids], dtype=torch.long)
+        return self.net.item_vectors(self.text_vectors(texts), vocab)
+
+    def user_context(self, stats: ServingStats, user_id: str, query: str | None = None) -> UserContext:
+        """The user tower for ``user_id`` over all of the snapshot (+ an optional query), computed once.
+
+        ``.vector`` equals ``user_vectors([user_id], history, catalog, [query])[0]``; pass the context to
+        :meth:`score_items` to re-score candidates without rebuilding it.
+        """
+        user_id = str(user_id)
+        us = stats.user(user_id)
+        q = query.strip() if isinstance(query, str) else None
+        has = bool(q)
+        hist = stats.history_items(us, int(self.config["history_len"]))
+        real = hist[hist >= 0]
+        with torch.inference_mode():
+            if len(real):
+                towers = self._towers_at(stats, real)
+                local = np.full(len(hist), -1, dtype=np.int64)
+                local[len(hist) - len(real):] = np.arange(len(real))
+            else:
+                towers = torch.zeros((1, int(self.net.embed_dim)))
+                local = np.full(max(len(hist), 1), -1, dtype=np.int64)
+            uid = torch.as_tensor([self.user_vocab.get(user_id, 0)], dtype=torch.long)
+            qv = self.text_vectors([q], queries=True) if has else None
+            u = self.net.user_vectors(towers, torch.as_tensor(local).reshape(1, -1), uid, qv,
+                                      torch.as_tensor([True]) if has else None)
+            vec = F.normalize(u, dim=-1).numpy().reshape(-1).astype(np.float32)
+        return UserContext(user_id=user_id, vector=vec, tower=u.clone(), stats=us, has_query=has)
+
+    def score_items(self, stats: ServingStats, context: UserContext, item_ids) -> np.ndarray:
+        """Like-probabilities of ``context``'s user for ``item_ids`` "as of now" (float64 [n]).
+
+        Equals ``score(pairs without timestamp, history, catalog)`` for the snapshot ``stats`` was built from.
+        """
+        item_ids = [str(i) for i in item_ids]
+        if not item_ids:
+            return np.empty(0, dtype=np.float64)
+        pos = stats.positions(item_ids)
+        wide = stats.wide(context.stats, pos, context.has_query, self.config["prior"])
+        with torch.inference_mode():
+            towers = self._towers_at(stats, pos, item_ids)
+            logits = self.net.head(context.tower.expand(len(item_ids), -1), towers, torch.as_tensor(wide))
+            return torch.sigmoid(logits).double().numpy().copy()
+
+    def score_user(self, stats: ServingStats, user_id: str, item_ids, query: str | None = None) -> np.ndarray:
+        """:meth:`user_context` + :meth:`score_items` in one call."""
+        return self.score_items(stats, self.user_context(stats, user_id, query), item_ids)
 
 
 def _net_from_config(config: dict) -> TwoTowerWide:
