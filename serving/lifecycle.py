@@ -178,9 +178,9 @@ class Served:
     index: ItemIndex
     catalog_sig: Any
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
-    # Model calls are serialised per model: Recommender keeps a one-entry item-tower cache that it
-    # checks and reads in two steps, which is not safe across threads. Retrieval, ranking and
-    # JSON still run in parallel; most of a model call holds the GIL (pandas) anyway.
+    # Serialises the generic (pandas) model calls and index rebuilds per model, for models not
+    # known to be thread-safe. The Recommender's fast path (user_context / score_items) takes no
+    # lock: its caches are locked or read once, and its networks run under inference_mode.
     model_lock: Any = field(default_factory=threading.Lock, compare=False, repr=False)
 
 

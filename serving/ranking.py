@@ -1,16 +1,19 @@
 """One request's ranking: retrieve, re-score, diversify, explore, explain.
 
 1. **Retrieve** ``serving.candidates`` items: cosine of the user vector
-   (``Recommender.user_vectors`` from the user's history, or the query text for search)
+   (the user tower from the user's history, plus the query text for search)
    against every item vector, exact (``ItemIndex.top_n``). Items the user already liked
    are excluded from ``/recommend``. A cold-start user (no positive history) gets the
    most popular items (smoothed like-rate x log positives, from the store) instead,
    topped up by the model's cold user vector.
-2. **Re-score** the best ``serving.rescore`` of them with the full model
-   (``Recommender.score``: towers + point-in-time "wide" statistics). The history handed
-   to the model is the user's own events plus every event of the candidate items, so the
-   user, item and user-category statistics are the same as over the whole store, at a
-   fraction of the cost.
+2. **Re-score** the best ``serving.rescore`` of them with the full model (towers +
+   "wide" statistics as of now). With a ``Recommender`` this is its fast path: the store
+   view builds ``models.features.ServingStats`` once per snapshot (at refresh time), the
+   request computes the user vector **once** (``Recommender.user_context``, used for the
+   retrieval in step 1 too) and ``Recommender.score_items`` scores the candidates with array
+   lookups and small matrix products — equal to ``Recommender.score`` over the whole store,
+   no pandas per request. Other models (test stand-ins) go through ``user_vectors`` /
+   ``score`` with the user's events plus every event of the candidate items as history.
 3. **Order** by the model's probability; with ``serving.mmr_lambda`` set, greedy MMR over
    item vectors trades relevance for diversity. Cold-start lists always use MMR
    (``mmr_lambda`` or 0.7): "popular and diverse".
@@ -97,6 +100,61 @@ def _user_vector(served: Served, data: StoreData, user_id: str, hist: pd.DataFra
     return np.asarray(vec, dtype=np.float32).reshape(-1)
 
 
+class _Scorer:
+    """One request's model calls. With a ``Recommender`` (``user_context``/``score_items``) and the
+    snapshot's ``ServingStats``: the user vector is computed **once** and reused for retrieval and
+    re-scoring, and scoring is array lookups + small matrix products (no pandas, no lock: the
+    Recommender is thread-safe). Any other model: ``user_vectors`` / ``score`` on pandas frames,
+    serialised by ``served.model_lock``.
+    """
+
+    def __init__(self, served: Served, data: StoreData, user_id: str | None, query: str | None):
+        self.served, self.data, self.query = served, data, query
+        self.user_id = user_id or ANONYMOUS
+        model = served.model
+        self.fast = data.stats is not None and hasattr(model, "user_context") and hasattr(model, "score_items")
+        self._ctx = None
+        self._hist = None
+        self._known = user_id is not None
+
+    @property
+    def hist(self) -> pd.DataFrame:
+        if self._hist is None:
+            self._hist = _user_history(self.data, self.user_id if self._known else None)
+        return self._hist
+
+    def liked(self) -> list[str]:
+        """The user's positive items, most recent last, unique."""
+        if not self.fast:
+            return _liked_items(self.hist)
+        if not self._known:
+            return []
+        stats = self.data.stats
+        pos = stats.user(self.user_id).positives
+        if not len(pos):
+            return []
+        ids = stats.item_ids[pos].tolist()
+        return list(dict.fromkeys(reversed(ids)))[::-1]
+
+    def context(self):
+        if self._ctx is None:
+            self._ctx = self.served.model.user_context(self.data.stats, self.user_id, self.query)
+        return self._ctx
+
+    def user_vector(self) -> np.ndarray:
+        if self.fast:
+            return self.context().vector
+        return _user_vector(self.served, self.data, self.user_id, self.hist, self.query)
+
+    def score(self, item_ids: list[str]) -> np.ndarray:
+        if not item_ids:
+            return np.empty(0, dtype=np.float64)
+        if self.fast:
+            return np.asarray(self.served.model.score_items(self.data.stats, self.context(), item_ids),
+                              dtype=np.float64).reshape(-1)
+        return _score(self.served, self.data, self.user_id, self.hist, item_ids, self.query)
+
+
 def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(str(text).lower()) if len(w) > 2 and w not in STOPWORDS}
 
@@ -129,8 +187,8 @@ def _pick_exploration(served: Served, data: StoreData, settings, rng, taken: set
 def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, rng: np.random.Generator) -> Ranked:
     s = settings.serving
     index = served.index
-    hist = _user_history(data, user_id)
-    liked = _liked_items(hist)
+    scorer = _Scorer(served, data, user_id, None)
+    liked = scorer.liked()
     liked_rows = index.rows_of(liked)
     cold = len(liked_rows) == 0
     if cold:
@@ -138,13 +196,12 @@ def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, r
         pop_rows = index.rows_of([i for i in pop.index[: s.candidates]])
         cand_rows = list(pop_rows)
         if len(cand_rows) < s.candidates:
-            extra, _ = index.top_n(_user_vector(served, data, user_id, hist, None), s.candidates)
+            extra, _ = index.top_n(scorer.user_vector(), s.candidates)
             seen = set(cand_rows)
             cand_rows += [r for r in extra if r not in seen][: s.candidates - len(cand_rows)]
         cand_rows = np.asarray(cand_rows, dtype=np.int64)
     else:
-        cand_rows, _ = index.top_n(_user_vector(served, data, user_id, hist, None), s.candidates,
-                                   exclude=liked_rows)
+        cand_rows, _ = index.top_n(scorer.user_vector(), s.candidates, exclude=liked_rows)
     n_cand = len(cand_rows)
     cand_rows = cand_rows[: s.rescore]
 
@@ -152,7 +209,7 @@ def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, r
     if s.exploration_epsilon > 0 and k > 0 and rng.random() < s.exploration_epsilon:
         explore_row = _pick_exploration(served, data, settings, rng, set(cand_rows[:k].tolist()) | set(liked_rows.tolist()))
     score_rows = cand_rows if explore_row is None else np.append(cand_rows, explore_row)
-    scores = _score(served, data, user_id, hist, [str(index.item_ids[r]) for r in score_rows], None)
+    scores = scorer.score([str(index.item_ids[r]) for r in score_rows])
     cand_scores = scores[: len(cand_rows)]
 
     lam = s.mmr_lambda if s.mmr_lambda is not None else (COLD_MMR_LAMBDA if cold else None)
@@ -186,13 +243,11 @@ def search(served: Served, data: StoreData, settings, query: str, user_id: str |
            rng: np.random.Generator) -> Ranked:
     s = settings.serving
     index = served.index
-    uid = user_id or ANONYMOUS
-    hist = _user_history(data, user_id)
-    qvec = _user_vector(served, data, uid, hist, query)
-    cand_rows, _ = index.top_n(qvec, s.candidates)
+    scorer = _Scorer(served, data, user_id, query)
+    cand_rows, _ = index.top_n(scorer.user_vector(), s.candidates)
     n_cand = len(cand_rows)
     cand_rows = cand_rows[: s.rescore]
-    scores = _score(served, data, uid, hist, [str(index.item_ids[r]) for r in cand_rows], query)
+    scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
     picked = _order(scores, index.vectors[cand_rows], k, s.mmr_lambda)
     qwords = _words(query)
     items = []
@@ -207,4 +262,4 @@ def search(served: Served, data: StoreData, settings, query: str, user_id: str |
             reason = f"close in meaning to your query ({category})"
         items.append({**payload, "score": round(float(scores[j]), 6), "rank": rank, "reason": reason,
                       "explored": False})
-    return Ranked(items=items, cold_start=len(_liked_items(hist)) == 0, n_candidates=n_cand)
+    return Ranked(items=items, cold_start=len(scorer.liked()) == 0, n_candidates=n_cand)

@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,9 @@ class StoreData:
     n_parts: int = 0
     parts: frozenset = field(default_factory=frozenset)
     meta: dict = field(default_factory=dict)  # item_id -> (title, category, tags) for explanations
+    # "as of now" statistics for the model's fast scoring path (models.features.ServingStats),
+    # built here, at refresh time, so a request only does array lookups
+    stats: Any = field(default=None, compare=False, repr=False)
 
     def user_history(self, user_id: str) -> pd.DataFrame:
         rows = self.user_rows.get(user_id)
@@ -112,8 +116,23 @@ def _read_parts(root: Path, parts: list[str]) -> pd.DataFrame:
     return df[HISTORY_COLUMNS]
 
 
+def _serving_stats(catalog: pd.DataFrame, events: pd.DataFrame, previous: StoreData | None):
+    """``models.features.ServingStats`` of this snapshot (the catalog part reused while it is unchanged)."""
+    try:
+        from models.features import ServingStats
+    except ImportError:  # serving without the models package: the generic scoring path only
+        return None
+    prev = previous.stats if previous is not None and previous.catalog is catalog else None
+    frame = prev.catalog if prev is not None else catalog.reset_index()
+    try:
+        return ServingStats.build(events, frame, previous=prev)
+    except Exception:  # never let the fast path's tables break a refresh: requests fall back
+        log.exception("building the serving statistics failed; using the generic scoring path")
+        return None
+
+
 def _build(catalog: pd.DataFrame, catalog_sig, events: pd.DataFrame, ledger_lines: int,
-           parts: frozenset) -> StoreData:
+           parts: frozenset, previous: StoreData | None = None) -> StoreData:
     events = events.sort_values(["timestamp", "event_id"], kind="stable").reset_index(drop=True)
     events = events.astype({"user_id": "string", "item_id": "string"})
     if len(events):
@@ -125,8 +144,9 @@ def _build(catalog: pd.DataFrame, catalog_sig, events: pd.DataFrame, ledger_line
         user_rows, item_rows, shown, positives = {}, {}, pd.Series(dtype=int), pd.Series(dtype=int)
     shown.index = shown.index.astype(str)
     positives.index = positives.index.astype(str)
-    meta = _catalog_meta(catalog)
-    return StoreData(meta=meta, catalog=catalog, catalog_sig=catalog_sig, events=events, user_rows=user_rows, item_rows=item_rows, shown=shown,
+    meta = _catalog_meta(catalog) if previous is None or previous.catalog is not catalog else previous.meta
+    stats = _serving_stats(catalog, events, previous)
+    return StoreData(stats=stats, meta=meta, catalog=catalog, catalog_sig=catalog_sig, events=events, user_rows=user_rows, item_rows=item_rows, shown=shown,
                      positives=positives, ledger_lines=ledger_lines, n_parts=len(parts), parts=parts)
 
 
@@ -170,7 +190,7 @@ class StoreView:
             if force or sig[1] != old.catalog_sig:
                 catalog, catalog_sig = _load_catalog(self.store), sig[1]
             events, lines, parts = self._new_events(old, force)
-            self.data = _build(catalog, catalog_sig, events, lines, parts)
+            self.data = _build(catalog, catalog_sig, events, lines, parts, previous=old)
             self._sig = sig
             self.refreshes += 1
             log.info("store view refreshed: %d events, %d users, %d items", len(self.data.events),
