@@ -19,7 +19,7 @@ def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> 
     """One row of the summary table for a policy."""
     scored = [r for r in records if r.get("auc") is not None]
     aucs = [r["auc"] for r in scored]
-    third = scored[len(scored) - max(1, len(scored) // 3):] if scored else []
+    third = scored[len(scored) - math.ceil(len(scored) / 3):] if scored else []  # the newest third, rounded up
     after = [r["auc"] for r in scored if drift_at and r["batch_start"] >= drift_at]
     return {
         "policy": policy,

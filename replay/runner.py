@@ -52,6 +52,18 @@ class ReplayConfig:
     every: int = 1
     max_batches: int | None = None
     settings_overrides: dict = field(default_factory=dict)
+    min_new_periods: float = 2.0  # storm control in data time: the drift policy waits for this many periods' data
+
+
+def replay_overrides(source: "ReplaySource", cfg: ReplayConfig) -> dict:
+    """Settings for a policy workspace: the caller's overrides, plus storm control in periods of data
+    (``monitor.min_new_events`` = ``min_new_periods`` x the median batch size) unless given."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.settings_overrides.items()}
+    monitor = out.setdefault("monitor", {})
+    if "min_new_events" not in monitor and source.batches:
+        median = float(np.median([len(b) for _, b in source.batches]))
+        monitor["min_new_events"] = max(1, int(cfg.min_new_periods * median))
+    return out
 
 
 def synthetic_source(cfg=None, period_days: int = 1) -> ReplaySource:
@@ -128,7 +140,7 @@ class PolicyRun:
         toml = self.root / "recloop.toml"
         if not toml.exists():
             toml.write_text(REPLAY_TOML)
-        self.settings = load_settings(self.root, **cfg.settings_overrides).ensure_dirs()
+        self.settings = load_settings(self.root, **replay_overrides(source, cfg)).ensure_dirs()
         self.progress_path = self.settings.state_dir / "replay.json"
         self.records: list[dict] = self._load_progress()
         self._champion = (None, None, None)  # (version, model, config)
@@ -171,6 +183,7 @@ class PolicyRun:
             end = batches[i + 1][0] if i + 1 < len(batches) else start + pd.Timedelta(days=365)
             rec: dict = {"batch": i, "batch_start": str(start), "n_rows": len(batch)}
             # a. test: the champion scores the batch before it is ingested
+            t0 = time.perf_counter()
             version, model, config = self._champion_model()
             if model is not None:
                 rows = _valid_rows(batch, catalog_ids, end)
@@ -179,18 +192,23 @@ class PolicyRun:
                                            self.source.users, k=self.settings.gates.k,
                                            group_columns=self.settings.gates.group_columns))
                 rec["champion_version"] = version
+            rec["score_s"] = round(time.perf_counter() - t0, 2)
             # b. ingest through the production flow
+            t0 = time.perf_counter()
             write_batch(batch, self.settings.landing_dir / f"{self.source.name}-{start.strftime('%Y%m%dT%H%M')}.parquet")
             ingested = ingest_flow(workspace=str(self.settings.root))
             rec["ingest"] = _ingest_summary(ingested)
+            rec["ingest_s"] = round(time.perf_counter() - t0, 2)
             # c. monitor (the drift policy acts on it)
             monitor = None
+            t0 = time.perf_counter()
             if self.policy == "drift" and i + 1 > self.cfg.initial_periods:
                 from flows.monitor import monitor_flow
 
                 monitor = monitor_flow(workspace=str(self.settings.root))
                 rec["monitor"] = {"should_retrain": monitor.get("should_retrain"), "reason": monitor.get("reason"),
                                   "suppressed_by": monitor.get("suppressed_by")}
+                rec["monitor_s"] = round(time.perf_counter() - t0, 2)
             # d. train by policy, through the production retrain flow and its gates
             go, reason = should_retrain(self.policy, i + 1, self.cfg, monitor)
             if go:
@@ -202,10 +220,12 @@ class PolicyRun:
         return self.records
 
 
-def _ingest_summary(ingested) -> dict:
-    outs = ingested if isinstance(ingested, list) else [ingested]
-    statuses = [o.get("status") if isinstance(o, dict) else getattr(o, "status", None) for o in outs]
-    return {"files": len(outs), "statuses": statuses}
+def _ingest_summary(ingested: dict) -> dict:
+    """What the ingest flow did with the batch (its ``outcomes``, one per landing file)."""
+    outs = ingested.get("outcomes", [])
+    return {"files": len(outs), "statuses": [o["status"] for o in outs],
+            "n_new": sum(o.get("n_new", 0) for o in outs),
+            "n_quarantined": sum(o.get("n_quarantined", 0) for o in outs)}
 
 
 def _retrain(settings, reason: str) -> dict:

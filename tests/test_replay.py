@@ -1,0 +1,109 @@
+"""Replay: policy decisions, reports, sources (fast); the acceptance run lives in test_replay_slow.py."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from replay.report import summarize, to_markdown, write_reports
+from replay.runner import ReplayConfig, movielens_source, should_retrain, synthetic_source
+
+
+@pytest.mark.parametrize("policy,done,monitor,expected", [
+    ("never", 3, None, (False, "")),
+    ("never", 4, None, (True, "initial")),
+    ("never", 5, {"should_retrain": True, "reason": "data_drift"}, (False, "")),
+    ("periodic", 5, None, (True, "periodic(every 1)")),
+    ("drift", 5, {"should_retrain": False}, (False, "")),
+    ("drift", 5, {"should_retrain": True, "reason": "data_drift"}, (True, "data_drift")),
+    ("drift", 2, {"should_retrain": True, "reason": "data_drift"}, (False, "")),
+])
+def test_policy_decisions(policy, done, monitor, expected):
+    assert should_retrain(policy, done, ReplayConfig(initial_periods=4), monitor) == expected
+
+
+def test_periodic_every_n():
+    cfg = ReplayConfig(initial_periods=2, every=3)
+    fired = [d for d in range(1, 12) if should_retrain("periodic", d, cfg, None)[0]]
+    assert fired == [2, 5, 8, 11]
+
+
+def _records(aucs, retrain_at=(), promoted_at=(), start="2026-01-05"):
+    days = pd.date_range(start, periods=len(aucs), freq="D", tz="UTC")
+    return [{"batch": i, "batch_start": str(d), "auc": a, "ndcg_at_k": None if a is None else a / 2,
+             "retrained": i in retrain_at, "promoted": i in promoted_at, "train_seconds": 2.0 if i in retrain_at
+             else None} for i, (d, a) in enumerate(zip(days, aucs))]
+
+
+def test_summary_numbers_and_markdown():
+    recs = _records([None, 0.6, 0.7, 0.5, 0.8, 0.9], retrain_at=(0, 3), promoted_at=(0,))
+    row = summarize("drift", recs, drift_at=str(pd.Timestamp("2026-01-08", tz="UTC")))
+    assert row["mean_auc"] == pytest.approx(0.7)
+    assert row["mean_auc_after_drift"] == pytest.approx((0.5 + 0.8 + 0.9) / 3)
+    assert row["worst_batch_auc"] == 0.5 and row["auc_last_third"] == pytest.approx(0.85)
+    assert (row["retrains"], row["promotions"], row["rejected"], row["train_seconds"]) == (2, 1, 1, 4.0)
+    md = to_markdown([row])
+    assert md.splitlines()[2].startswith("| drift | 0.700 | 0.733 |")
+
+
+def test_reports_are_written(tmp_path):
+    results = {"never": _records([None, 0.6, 0.6], retrain_at=(0,), promoted_at=(0,)),
+               "drift": _records([None, 0.6, 0.7], retrain_at=(0, 1), promoted_at=(0, 1))}
+    out = write_reports(tmp_path, results, {"source": "test", "drift_at": None})
+    doc = json.loads((tmp_path / "replay.json").read_text())
+    assert set(doc["batches"]) == {"never", "drift"} and len(doc["summary"]) == 2
+    png = (tmp_path / "auc.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| never |" in (tmp_path / "summary.md").read_text() and out["plot"].endswith("auc.png")
+
+
+def write_movielens(world, folder):
+    """A MovieLens-100k-format folder made from a synthetic world (ratings 1-5 from labels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = {iid: k + 1 for k, iid in enumerate(world.catalog["item_id"])}
+    users = {uid: k + 1 for k, uid in enumerate(world.users["user_id"])}
+    ev = world.events
+    rating = ev["label"].map({1: 5, 0: 2})
+    ts = (ev["timestamp"].astype("int64") // 10**9).astype(int)
+    pd.DataFrame({"u": ev["user_id"].map(users), "i": ev["item_id"].map(items), "r": rating, "t": ts}).to_csv(
+        folder / "u.data", sep="\t", header=False, index=False)
+    genres = ["0"] * 19
+    with open(folder / "u.item", "w", encoding="latin-1") as fh:
+        for iid, title, cat in zip(world.catalog["item_id"], world.catalog["title"], world.catalog["category"]):
+            g = genres.copy()
+            g[1 + abs(hash(cat)) % 18] = "1"
+            fh.write("|".join([str(items[iid]), title, "01-Jan-1995", "", "http://x"] + g) + "\n")
+    with open(folder / "u.user", "w") as fh:
+        for uid, gender, age in zip(world.users["user_id"], world.users["gender"], world.users["age_bucket"]):
+            fh.write(f"{users[uid]}|{ {'18-24': 20, '25-34': 30, '35-49': 40, '50+': 60}[age]}|"
+                     f"{'F' if gender == 'female' else 'M'}|writer|00000\n")
+    return folder
+
+
+def test_movielens_format_source_batches_in_time_order(tmp_path, small_world):
+    src = movielens_source(write_movielens(small_world, tmp_path / "ml"), period_days=3)
+    starts = [s for s, _ in src.batches]
+    assert starts == sorted(starts) and len(src.batches) == 5
+    assert sum(len(b) for _, b in src.batches) == len(small_world.events)
+    assert set(src.catalog["item_id"]).issuperset(set(pd.concat([b for _, b in src.batches])["item_id"]))
+
+
+def test_synthetic_source_has_the_drift_point():
+    from recloop.datasets.synthetic import SyntheticConfig
+
+    src = synthetic_source(SyntheticConfig(seed=2, n_users=40, n_items=30, n_days=6, drift_day=4, drift_items=6))
+    assert len(src.batches) == 6 and src.drift_at == src.batches[4][0]
+
+
+def test_storm_control_in_periods_of_data():
+    from replay.runner import ReplaySource, replay_overrides
+
+    batches = [(pd.Timestamp("2026-01-01", tz="UTC"), pd.DataFrame({"x": range(n)})) for n in (100, 300, 200)]
+    src = ReplaySource("t", batches, pd.DataFrame(), pd.DataFrame())
+    assert replay_overrides(src, ReplayConfig())["monitor"]["min_new_events"] == 400
+    given = ReplayConfig(settings_overrides={"monitor": {"min_new_events": 7}, "retrain": {"eval_days": 1.0}})
+    out = replay_overrides(src, given)
+    assert out == {"monitor": {"min_new_events": 7}, "retrain": {"eval_days": 1.0}}
+    assert given.settings_overrides["monitor"] == {"min_new_events": 7}  # the caller's dict is not mutated
