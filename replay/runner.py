@@ -30,10 +30,24 @@ from recloop.store import atomic_write_json
 
 POLICIES = ("never", "periodic", "drift")
 
-REPLAY_TOML = """# written by `recloop replay`: simulated time, so no wall-clock cooldown
-[monitor]
-cooldown_minutes = 0
-"""
+def to_toml(settings: dict) -> str:
+    """A small TOML writer for settings overrides (scalars, lists, one level of sections)."""
+    import json
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = [f"{k} = {value(v)}" for k, v in settings.items() if not isinstance(v, dict)]
+    for section, body in settings.items():
+        if isinstance(body, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -60,6 +74,7 @@ def replay_overrides(source: "ReplaySource", cfg: ReplayConfig) -> dict:
     (``monitor.min_new_events`` = ``min_new_periods`` x the median batch size) unless given."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.settings_overrides.items()}
     monitor = out.setdefault("monitor", {})
+    monitor.setdefault("cooldown_minutes", 0)  # simulated time: no wall-clock cooldown
     if "min_new_events" not in monitor and source.batches:
         median = float(np.median([len(b) for _, b in source.batches]))
         monitor["min_new_events"] = max(1, int(cfg.min_new_periods * median))
@@ -137,10 +152,11 @@ class PolicyRun:
         self.policy, self.source, self.cfg = policy, source, cfg
         self.root = root / policy
         self.root.mkdir(parents=True, exist_ok=True)
+        # the flows read settings from the workspace, so the overrides go into its recloop.toml
         toml = self.root / "recloop.toml"
         if not toml.exists():
-            toml.write_text(REPLAY_TOML)
-        self.settings = load_settings(self.root, **replay_overrides(source, cfg)).ensure_dirs()
+            toml.write_text("# written by `recloop replay`\n" + to_toml(replay_overrides(source, cfg)))
+        self.settings = load_settings(self.root).ensure_dirs()
         self.progress_path = self.settings.state_dir / "replay.json"
         self.records: list[dict] = self._load_progress()
         self._champion = (None, None, None)  # (version, model, config)

@@ -102,8 +102,23 @@ def test_storm_control_in_periods_of_data():
 
     batches = [(pd.Timestamp("2026-01-01", tz="UTC"), pd.DataFrame({"x": range(n)})) for n in (100, 300, 200)]
     src = ReplaySource("t", batches, pd.DataFrame(), pd.DataFrame())
-    assert replay_overrides(src, ReplayConfig())["monitor"]["min_new_events"] == 400
+    assert replay_overrides(src, ReplayConfig())["monitor"] == {"min_new_events": 400, "cooldown_minutes": 0}
     given = ReplayConfig(settings_overrides={"monitor": {"min_new_events": 7}, "retrain": {"eval_days": 1.0}})
     out = replay_overrides(src, given)
-    assert out == {"monitor": {"min_new_events": 7}, "retrain": {"eval_days": 1.0}}
+    assert out == {"monitor": {"min_new_events": 7, "cooldown_minutes": 0}, "retrain": {"eval_days": 1.0}}
     assert given.settings_overrides["monitor"] == {"min_new_events": 7}  # the caller's dict is not mutated
+
+
+def test_policy_workspace_carries_the_overrides_for_the_flows(tmp_path):
+    """The flows load settings from the workspace alone, so overrides must be in its recloop.toml."""
+    from recloop.settings import load_settings
+    from replay.runner import PolicyRun, ReplaySource
+
+    batches = [(pd.Timestamp("2026-01-01", tz="UTC"), pd.DataFrame({"x": range(10)}))]
+    src = ReplaySource("t", batches, pd.DataFrame(), pd.DataFrame())
+    cfg = ReplayConfig(settings_overrides={"model_name": "recs", "retrain": {"eval_days": 1.5},
+                                           "gates": {"group_columns": ["gender"]}})
+    PolicyRun("drift", src, tmp_path, cfg)
+    s = load_settings(tmp_path / "drift")  # what a flow sees
+    assert s.model_name == "recs" and s.retrain.eval_days == 1.5 and s.gates.group_columns == ["gender"]
+    assert s.monitor.cooldown_minutes == 0 and s.monitor.min_new_events == 20

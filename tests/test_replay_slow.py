@@ -12,9 +12,9 @@ def test_drift_policy_beats_never_after_the_drift_with_fewer_retrains_than_perio
     from replay.runner import ReplayConfig, run_replay, synthetic_source
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-    world = SyntheticConfig(seed=11, n_days=14, drift_day=8, bad_batch_day=2)
+    world = SyntheticConfig(seed=11, n_days=16, drift_day=10, bad_batch_day=2)
     src = synthetic_source(world)
-    cfg = ReplayConfig(policies=("never", "drift"), initial_periods=5,
+    cfg = ReplayConfig(policies=("never", "drift"), initial_periods=8,
                        settings_overrides={"retrain": {"eval_days": 1.0}})
     out = run_replay(src, tmp_path / "replay", cfg)
     rows = {r["policy"]: r for r in out["summary"]}
