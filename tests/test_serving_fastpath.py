@@ -145,3 +145,22 @@ def test_models_without_the_fast_path_still_work(settings):
     h.poll_once()
     r = ranking.recommend(h.current, view.data, settings, "u1", 3, np.random.default_rng(0))
     assert model.score_calls == 1 and [it["category"] for it in r.items][0] == "science fiction"
+
+
+def test_server_caps_blas_threads_like_torch(settings):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    def numpy_blas():  # numpy's BLAS runs the retrieval matvec
+        return [d["num_threads"] for d in threadpoolctl.threadpool_info()
+                if d["user_api"] == "blas" and "numpy" in d["filepath"]]
+
+    threadpoolctl.threadpool_limits(limits=2, user_api="blas")  # this thread takes control first
+    assert numpy_blas() == [2]
+    settings.serving.torch_threads = 1
+    app = create_app(settings, model_source=InMemoryModelSource(), start_background=False)
+    with TestClient(app) as client:  # startup runs in another thread: it must still win
+        assert client.get("/health").status_code == 503  # no model: still started
+        assert numpy_blas() == [1] and torch.get_num_threads() == 1
