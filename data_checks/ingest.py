@@ -24,7 +24,6 @@ nothing, so the re-run starts afresh.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -37,7 +36,7 @@ from filelock import FileLock
 
 from data_checks.readers import BatchReadError, read_batch
 from data_checks.validate import ValidationOutcome, clean_rows, prepare_feedback_frame, validate_frame
-from recloop.store import FeedbackStore, atomic_write_json, atomic_write_parquet
+from recloop.store import FeedbackStore, atomic_write_json, atomic_write_parquet, file_sha256
 
 STATUS_BY_DECISION = {"pass": "ingested", "split": "partial", "quarantine": "quarantined"}
 SIDECAR_SUFFIX = ".validation.json"
@@ -78,14 +77,6 @@ class IngestOutcome:
 
 
 # ---- small helpers -------------------------------------------------------------------------------------
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _state_dir(settings) -> Path:
     d = settings.state_dir / "ingest"
     d.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ That makes "two retrains finish at once" safe for every process sharing the work
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from recloop.store import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +143,10 @@ def _short(v: Any) -> str:
     return s if len(s) <= _MAX_TAG else s[: _MAX_TAG - 20] + f"... (+{len(s) - _MAX_TAG + 20} chars)"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_manifest(model_dir: Path) -> dict[str, dict]:
     """sha256 and size of every file in a saved model folder (checked again at load time)."""
     model_dir = Path(model_dir)
-    return {str(p.relative_to(model_dir)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    return {str(p.relative_to(model_dir)): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
             for p in sorted(model_dir.rglob("*")) if p.is_file()}
 
 
@@ -513,9 +506,9 @@ def _verify(model_dir: Path, manifest: dict | None, expected_weights: str | None
                 problems.append(f"{rel} missing")
             elif p.stat().st_size != meta["bytes"]:
                 problems.append(f"{rel} is {p.stat().st_size} bytes, expected {meta['bytes']} (truncated?)")
-            elif _sha256(p) != meta["sha256"]:
+            elif file_sha256(p) != meta["sha256"]:
                 problems.append(f"{rel} sha256 mismatch (corrupted)")
-    elif expected_weights and _sha256(weights) != expected_weights:
+    elif expected_weights and file_sha256(weights) != expected_weights:
         problems.append("weights.safetensors sha256 mismatch (corrupted)")
     if problems:
         raise ModelLoadError(f"version {version}: model files in {model_dir} fail their checksum: "
