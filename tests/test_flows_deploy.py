@@ -89,3 +89,61 @@ def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world
         ctx.__exit__(None, None, None)
     finally:
         stack.stop()
+
+
+@pytest.mark.slow
+def test_same_deployments_on_a_process_work_pool_with_two_workers(tmp_path):
+    """Scale-out on one machine: register the deployments on a process pool, two workers share the runs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from prefect.deployments import run_deployment
+
+    from flows.deploy import deploy_to_work_pool
+    from flows.stack import Stack, stack_env
+    from recloop.settings import load_settings
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "recloop.toml").write_text(f"prefect_port = {_free_port()}\n")
+    settings = load_settings(ws).ensure_dirs()
+    stack = Stack(settings, with_mlflow=False, with_serving=False)
+    stack.services = [s for s in stack.services if s.name == "prefect-server"]  # no serve(): workers run the flows
+    stack.start()
+    env = stack_env(settings)
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    workers = []
+    try:
+        subprocess.run([prefect, "work-pool", "create", "recloop-test", "--type", "process"], env=env, check=True,
+                       capture_output=True, timeout=120)
+        with stack.client_settings():
+            ids = deploy_to_work_pool(settings, "recloop-test")
+            assert len(ids) == 3
+            for i in range(2):
+                log = open(tmp_path / f"worker{i}.log", "wb")
+                workers.append(subprocess.Popen(
+                    [prefect, "worker", "start", "--pool", "recloop-test", "--type", "process", "--name", f"w{i}",
+                     "--limit", "1"], env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True))
+            runs = [run_deployment("ingest/ingest", timeout=0) for _ in range(2)]
+            deadline = time.monotonic() + 300
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                while time.monotonic() < deadline:
+                    states = [client.read_flow_run(r.id).state for r in runs]
+                    if all(s.is_final() for s in states):
+                        break
+                    time.sleep(2)
+                assert all(s.is_completed() for s in states), [s.message for s in states]
+                workers_used = {client.read_flow_run(r.id).work_pool_name for r in runs}
+            assert workers_used == {"recloop-test"}
+    finally:
+        for w in workers:
+            try:
+                os.killpg(w.pid, 15)
+            except ProcessLookupError:
+                pass
+        stack.stop()
