@@ -8,6 +8,7 @@ import socket
 import pytest
 
 from flows.events import DRIFT_DETECTED
+from tests.conftest import permissive_toml
 
 
 def test_every_deployment_entrypoint_imports():
@@ -53,9 +54,7 @@ def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world
     ws = tmp_path / "ws"
     ws.mkdir()
     enc = make_tiny_encoder(tmp_path / "enc")
-    (ws / "recloop.toml").write_text(
-        f"prefect_port = {_free_port()}\n[training]\nencoder_path = \"{enc}\"\nmax_epochs = 1\n"
-        "[gates]\nmin_auc = 0.0\nmin_ndcg = 0.0\n")
+    (ws / "recloop.toml").write_text(permissive_toml(enc, extra=f"prefect_port = {_free_port()}\n"))
     settings = load_settings(ws).ensure_dirs()
     store = FeedbackStore.from_settings(settings)
     store.upsert_catalog(small_world.catalog)

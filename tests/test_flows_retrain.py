@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+from tests.conftest import permissive_toml
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -39,10 +41,7 @@ def workspace(tmp_path, small_world, tiny_encoder):
 
 
 def _toml(encoder) -> str:
-    """A tiny encoder, one epoch, and gates that let any working candidate through."""
-    return (f'[training]\nencoder_path = "{encoder}"\nmax_epochs = 1\n'
-            "[gates]\nmin_auc = 0.0\nmin_ndcg = 0.0\nbaseline_margin = -1.0\nmax_auc_drop = 1.0\n"
-            "max_group_auc_gap = 1.0\nmax_gap_increase = 1.0\nmin_tail_exposure = 0.0\nmax_tail_exposure_drop = 1.0\n")
+    return permissive_toml(encoder)
 
 
 @pytest.fixture(scope="module")
