@@ -1,8 +1,8 @@
 """One retrain, as steps: snapshot -> train -> evaluate (candidate AND champion, same events)
 -> register -> gates -> promote or reject.
 
-Each step is one function so the retrain flow (flows/retrain.py) can wrap each in a
-Prefect task; ``run_retrain`` chains them for callers without Prefect (replay, tests).
+Each step is one function so the retrain flow (flows/retrain.py), the one place that chains
+them, can wrap each in a Prefect task; each step is plain Python and testable on its own.
 A failure anywhere before ``promote`` leaves the champion untouched: promotion is the
 last step and happens under the registry's promotion lock.
 """
@@ -152,42 +152,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def run_retrain(settings, reason: str = "manual", flow_run_id: str | None = None,
-                drift_report_path: str | None = None, now=None) -> RetrainOutcome:
-    """The whole retrain without Prefect (the flow runs the same steps as tasks)."""
-    from models.gates import decide_promotion
-    from models.registry import log_and_register, promote, reject
-
-    t0 = time.perf_counter()
-    data = prepare_retrain_data(settings, now=now)
-    champion, champion_version = load_champion_for_eval(settings)
-    trained, model_dir = train_candidate(settings, data)
-    cand_eval = evaluate_model(settings, trained.model, data)
-    champ_eval = evaluate_model(settings, champion, data) if champion is not None else None
-    base = baseline_auc(data)
-    decision = decide_promotion(cand_eval, champ_eval, settings, baseline_auc=base, champion_version=champion_version)
-    lineage = {**data.lineage(), "trigger_reason": reason, "prefect_flow_run_id": flow_run_id or "",
-               "git_commit": git_commit() or "", "champion_version_judged_against": champion_version or ""}
-    run_id, version = log_and_register(
-        settings, model_dir=model_dir, evaluation=cand_eval, champion_evaluation=champ_eval, decision=decision,
-        lineage=lineage, params=trained.params if hasattr(trained, "params") else {},
-        history=trained.history, train_data=data.train, drift_report_path=drift_report_path,
-    )
-    if decision.promote:
-        promote(settings, version, decision, expected_champion=champion_version)
-    else:
-        reject(settings, version, decision)
-    after = load_champion_version(settings)
-    return RetrainOutcome(
-        version=str(version), promoted=decision.promote and after == str(version),
-        reason=reason, decision=decision.to_dict(), candidate_metrics=cand_eval.to_dict(),
-        champion_metrics=None if champ_eval is None else champ_eval.to_dict(),
-        champion_version_before=champion_version, champion_version_after=after, baseline_auc=base,
-        train_seconds=float(trained.seconds), total_seconds=time.perf_counter() - t0, run_id=run_id,
-        lineage=lineage,
-    )
 
 
 def load_champion_version(settings) -> str | None:

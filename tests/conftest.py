@@ -41,3 +41,14 @@ def permissive_toml(encoder, extra: str = "") -> str:
     return (f'{extra}[training]\nencoder_path = "{encoder}"\nmax_epochs = 1\n'
             "[gates]\nmin_auc = 0.0\nmin_ndcg = 0.0\nbaseline_margin = -1.0\nmax_auc_drop = 1.0\n"
             "max_group_auc_gap = 1.0\nmax_gap_increase = 1.0\nmin_tail_exposure = 0.0\nmax_tail_exposure_drop = 1.0\n")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread, restoring the previous setting afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -13,12 +13,8 @@ from pytorch_lightning.callbacks import Callback
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are many small ops: one thread is faster (and steadier) on a shared 2-core box."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_thread(one_torch_thread):
+    """Tiny models are many small ops: one thread is faster on a shared 2-core box."""
 
 
 @pytest.fixture(scope="module")
