@@ -9,17 +9,22 @@ Aliases of ``settings.model_name`` (default ``recommender``):
 ============  =================================================================
 
 Every judgement is stored on the version: tag ``gate_decision`` (pending | promoted |
-rejected | rolled_back), ``gate_<rule>`` per rule, ``gate_reasons``; and on its run as
-``gate_report.md`` / ``gate_decision.json``. Promotion and rollback run under a file
-lock (``<workspace>/state/promotion.lock``) with a compare-and-set on the champion
-alias: the champion a candidate was judged against must still be the champion when it
-is promoted, otherwise the candidate is rejected with reason ``champion_changed``.
+rejected | failed | rolled_back), ``gate_<rule>`` per rule, ``gate_reasons`` (``gate_error``
+when failed); and on its run as ``gate_report.md`` / ``gate_decision.json``. A decision is
+bound to the versions it judged: :func:`promote` needs ``decision.candidate_version`` to be
+the version promoted, and, under a file lock (``<workspace>/state/promotion.lock``), does a
+compare-and-set on the champion alias: ``decision.champion_version`` must still be the
+champion, otherwise the candidate is rejected with reason ``champion_changed``. A promotion
+or rejection that fails part-way restores the aliases and marks the version ``failed``
+(:func:`mark_failed`): no version is left ``pending`` with ``challenger`` by an error.
+Registration is idempotent within a Prefect flow run (tag ``registration_key``).
 That makes "two retrains finish at once" safe for every process sharing the workspace
 (for several machines, point ``state_dir`` at shared storage or use one promoter).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -42,8 +47,10 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 MANIFEST = "model_manifest.json"
-_UNSET = object()
 _MAX_TAG = 5000
+_MAX_ERROR = 500
+REGISTRATION_KEY = "registration_key"  # tag on the run and the version (see log_and_register)
+MODEL_URI_TAG = "recloop.model_uri"  # run tag: the logged model, set right after log_model
 
 
 class RegistryError(RuntimeError):
@@ -244,15 +251,23 @@ def log_and_register(
     train_data: pd.DataFrame | None = None,
     drift_report_path: str | None = None,
     catalog: pd.DataFrame | None = None,
+    baseline_evaluations: dict | None = None,
 ) -> tuple[str, str]:
     """Log one training run to MLflow and register its model; returns ``(run_id, version)``.
 
     Logs: params (given + ``settings.training``), per-epoch metrics (step = epoch), the
     candidate's evaluation metrics (and the champion's on the same events, prefixed
-    ``champion_``), evaluation / decision JSON, the gate report, the drift report,
+    ``champion_``; every baseline's, prefixed ``baseline_<name>_``), evaluation / decision JSON, the gate report, the drift report,
     lineage tags, the training dataset (``mlflow.log_input``) and the model as a pyfunc
     defined by code whose artifacts are the saved model folder. The new version gets the
     ``challenger`` alias and ``gate_decision = pending`` until :func:`promote` / :func:`reject`.
+
+    Idempotent across task retries: with ``lineage["prefect_flow_run_id"]`` set, the call is
+    keyed by :func:`registration_key` (flow run, config fingerprint, snapshot hash, weights
+    sha256), stored as tag ``registration_key`` on the run and the version. A version with the
+    key is returned as it is (its ``challenger`` alias set if still pending); a run with the key
+    whose model was logged but not registered is registered; nothing new is logged either way.
+    Without a flow-run id every call logs and registers anew.
     """
     import mlflow
 
@@ -270,11 +285,33 @@ def log_and_register(
     for key in ("train_start", "train_end", "fingerprint", "encoder", "mode"):
         if model_cfg.get(key) is not None:
             lineage.setdefault(key if key not in ("encoder", "mode") else f"model_{key}", str(model_cfg[key]))
+    manifest = file_manifest(model_dir)
+    weights_sha = manifest["weights.safetensors"]["sha256"]
+    reg_key = registration_key(lineage.get("prefect_flow_run_id"), model_cfg.get("fingerprint"),
+                               lineage.get("snapshot_hash"), weights_sha)
+    if reg_key is not None:
+        c = client(settings)
+        done = _registered_with_key(c, settings.model_name, reg_key)
+        if done is not None:  # a retry after the version was created: finish it, log nothing new
+            log.info("registration %s already done as version %s (run %s); not logging again",
+                     reg_key, done[1], done[0])
+            _finish_registration(c, settings.model_name, *done)
+            return done
+        logged = _logged_run_with_key(c, exp_id, reg_key)
+        if logged is not None:  # a retry after the model was logged but not registered: register that run's model
+            run_id, model_uri, run_tags = logged
+            log.info("registration %s: run %s has the model logged; registering it", reg_key, run_id)
+            mv = _register(settings.model_name, model_uri,
+                           {**run_tags, "gate_decision": "pending", "run_id": run_id, "weights_sha256": weights_sha,
+                            REGISTRATION_KEY: reg_key})
+            version = str(mv.version)
+            _finish_registration(c, settings.model_name, run_id, version)
+            return run_id, version
+
     if catalog is None:
         from recloop.store import FeedbackStore
 
         catalog = FeedbackStore.from_settings(settings).catalog()
-    manifest = file_manifest(model_dir)
 
     with tempfile.TemporaryDirectory(prefix="recloop-register-") as tmp:
         tmp = Path(tmp)
@@ -283,7 +320,8 @@ def log_and_register(
         (tmp / "catalog").mkdir()
         catalog.to_parquet(tmp / "catalog" / "catalog.parquet", index=False)
         run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
-        with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name,
+                              tags={REGISTRATION_KEY: reg_key} if reg_key else None) as run:
             run_id = run.info.run_id
             all_params = {f"training.{k}": v for k, v in settings.training.model_dump().items()}
             all_params.update(params or {})
@@ -302,11 +340,11 @@ def log_and_register(
                 ci = decision.bootstrap_ci
                 metrics.update({k: float(v) for k, v in (("auc_delta_vs_champion", ci.delta),
                                 ("auc_delta_ci_low", ci.low), ("auc_delta_ci_high", ci.high)) if _finite(v)})
-            if decision is not None:
-                base = [r.threshold for r in decision.rules if r.name == "beats_popularity"]
-                if base and _finite(base[0]):
-                    metrics["popularity_baseline_auc"] = float(base[0])
+            for name, ev in (baseline_evaluations or {}).items():  # every baseline, on the same events
+                metrics.update(evaluation_metrics(ev, prefix=f"baseline_{name}_"))
             mlflow.log_metrics(metrics)
+            for name, ev in (baseline_evaluations or {}).items():
+                mlflow.log_dict(ev.to_dict(), f"evaluation/baseline-{_tag_safe(name)}.json")
             mlflow.log_dict(evaluation.to_dict(), "evaluation/candidate.json")
             if champion_evaluation is not None:
                 mlflow.log_dict(champion_evaluation.to_dict(), "evaluation/champion.json")
@@ -346,14 +384,73 @@ def log_and_register(
                     signature=pyfunc.signature(), input_example=_input_example(model_dir, catalog),
                     model_config={"workspace": None}, pip_requirements=_requirements(),
                 )
-        mv = mlflow.register_model(info.model_uri, settings.model_name,
-                                   tags={**tags, "gate_decision": "pending", "run_id": run_id,
-                                         "weights_sha256": manifest["weights.safetensors"]["sha256"]})
+            mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        version_tags = {**tags, "gate_decision": "pending", "run_id": run_id, "weights_sha256": weights_sha}
+        if reg_key:
+            version_tags[REGISTRATION_KEY] = reg_key
+        mv = _register(settings.model_name, info.model_uri, version_tags)
     version = str(mv.version)
-    c = client(settings)
-    c.set_registered_model_alias(settings.model_name, CHALLENGER, version)
-    c.set_tag(run_id, "model_version", version)
+    _finish_registration(client(settings), settings.model_name, run_id, version)
     return run_id, version
+
+
+def registration_key(flow_run_id, fingerprint, snapshot_hash, weights_sha256) -> str | None:
+    """What makes two ``log_and_register`` calls "the same registration": the Prefect flow run,
+    the model's config fingerprint, the training snapshot and the weights' sha256 (a flow-level
+    retry that retrains to different weights is a different model, so a new version). ``None``
+    (no deduplication) outside a flow run. 32 hex chars, stored as tag ``registration_key`` on
+    the run (from its start) and on the version (at creation)."""
+    flow_run_id = str(flow_run_id or "").strip()
+    if not flow_run_id:
+        return None
+    raw = "|".join(str(x or "") for x in (flow_run_id, fingerprint, snapshot_hash, weights_sha256))
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
+
+
+def _register(name: str, model_uri: str, tags: dict):
+    import mlflow
+
+    return mlflow.register_model(model_uri, name, tags=tags)
+
+
+def _registered_with_key(c, name: str, key: str) -> tuple[str, str] | None:
+    """``(run_id, version)`` of the (oldest) version carrying registration key ``key``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name='{name}' and tags.{REGISTRATION_KEY}='{key}'")
+    except MlflowException:  # no registered model yet
+        return None
+    if not found:
+        return None
+    mv = min(found, key=lambda v: int(v.version))
+    if len(found) > 1:
+        log.warning("registration %s has %d versions (%s); using %s", key, len(found),
+                    ", ".join(sorted(str(v.version) for v in found)), mv.version)
+    return mv.run_id or (mv.tags or {}).get("run_id", ""), str(mv.version)
+
+
+def _logged_run_with_key(c, exp_id: str, key: str) -> tuple[str, str, dict] | None:
+    """``(run_id, model_uri, lineage tags)`` of the oldest run with key ``key`` whose model was logged."""
+    runs = c.search_runs([exp_id], f"tags.{REGISTRATION_KEY} = '{key}'", order_by=["attributes.start_time ASC"])
+    for run in runs:
+        t = dict(run.data.tags)
+        if t.get(MODEL_URI_TAG):
+            lineage = {k: v for k, v in t.items()
+                       if not k.startswith(("mlflow.", "recloop.")) and k not in ("model_version", "log_input_error",
+                                                                                   "gate_decision", "gate_error")}
+            return run.info.run_id, t[MODEL_URI_TAG], lineage
+    return None
+
+
+def _finish_registration(c, name: str, run_id: str, version: str) -> None:
+    """The steps after ``register_model`` (idempotent): ``challenger`` on a still-pending version,
+    the version number on the run."""
+    mv = c.get_model_version(name, version)
+    if (mv.tags or {}).get("gate_decision", "pending") == "pending":
+        c.set_registered_model_alias(name, CHALLENGER, version)
+    if run_id:
+        c.set_tag(run_id, "model_version", version)
 
 
 def _requirements() -> list[str]:
@@ -402,53 +499,218 @@ def _record(settings, c, version: str, decision, outcome: str, reasons: list[str
         c.delete_registered_model_alias(name, CHALLENGER)
 
 
+def _bound_version(decision, version: str, *, required: bool) -> None:
+    """The decision must be about ``version`` (RegistryError otherwise; nothing is changed)."""
+    named = getattr(decision, "candidate_version", None)
+    if named is None:
+        if required:
+            raise RegistryError(f"version {version}: the gate decision names no candidate version; bind it with "
+                                "decision.with_versions(candidate_version=...) after registering")
+        return
+    if str(named) != version:
+        raise RegistryError(f"the gate decision judged version {named}, not version {version}; nothing was changed")
+
+
 def reject(settings, version, decision, reason: str | None = None) -> PromotionResult:
-    """Tag ``version`` rejected with the failed rules (and ``reason``); the champion is untouched."""
-    c = client(settings)
+    """Tag ``version`` rejected with the failed rules (and ``reason``); the champion is untouched.
+
+    A decision naming another candidate version is refused (RegistryError). If recording the
+    rejection fails, the version is marked failed (:func:`mark_failed`) and the error re-raised.
+    """
     version = str(version)
+    _bound_version(decision, version, required=False)
+    try:
+        return _reject(settings, client(settings), version, decision, reason)
+    except Exception as exc:
+        mark_failed(settings, version, f"reject failed: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _reject(settings, c, version: str, decision, reason: str | None) -> PromotionResult:
     reasons = ([reason] if reason else []) + list(decision.reasons)
     _record(settings, c, version, decision, "rejected", reasons or ["rejected"])
     cur = _alias_version(c, settings.model_name, CHAMPION)
     return PromotionResult(version, False, reason.split(":")[0] if reason else "gates_failed", cur, cur)
 
 
-def promote(settings, version, decision, expected_champion=_UNSET) -> PromotionResult:
-    """Move ``champion`` to ``version`` if the decision passed and the champion is unchanged.
+def _verify_registration(settings, c, version: str) -> None:
+    """The version is READY and its ``weights_sha256`` tag is the weights hash its run recorded
+    (``model_manifest.json``) at registration; RegistryError otherwise."""
+    name = settings.model_name
+    mv = c.get_model_version(name, version)
+    status = str(getattr(mv, "status", "READY") or "READY")
+    if status != "READY":
+        raise RegistryError(f"version {version} is {status}, not READY")
+    tags = dict(mv.tags or {})
+    tagged = tags.get("weights_sha256")
+    if not tagged:
+        raise RegistryError(f"version {version} has no weights_sha256 tag: not registered by log_and_register")
+    if tags.get("run_id") and mv.run_id and tags["run_id"] != mv.run_id:
+        raise RegistryError(f"version {version}: run_id tag {tags['run_id']} is not its run {mv.run_id}")
+    if not mv.run_id:
+        return
+    with tempfile.TemporaryDirectory(prefix="recloop-verify-") as tmp:
+        try:
+            path = c.download_artifacts(mv.run_id, MANIFEST, tmp)
+        except Exception as exc:  # older runs without a manifest: the tag is all there is
+            log.warning("version %s: no %s on run %s (%s); weights tag not cross-checked", version, MANIFEST,
+                        mv.run_id, exc)
+            return
+        recorded = json.loads(Path(path).read_text(encoding="utf-8")).get("weights.safetensors", {}).get("sha256")
+    if recorded != tagged:
+        raise RegistryError(f"version {version}: weights_sha256 tag {tagged[:12]}... differs from the weights hash "
+                            f"its run recorded at registration ({str(recorded)[:12]}...)")
 
-    ``expected_champion``: the champion version the candidate was judged against (None = no
-    champion then). Defaults to ``decision.champion_version``. Inside the promotion lock the
-    alias is re-read; if it moved since, the candidate is rejected with ``champion_changed``
-    (a new judgement against the new champion is needed). The old champion gets ``previous``.
+
+def _set_alias(c, name: str, alias: str, version: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    if version is not None:
+        c.set_registered_model_alias(name, alias, version)
+        return
+    try:
+        c.delete_registered_model_alias(name, alias)
+    except MlflowException:  # not set
+        pass
+
+
+def promote(settings, version, decision, *, lock_timeout: float = 120.0) -> PromotionResult:
+    """Move ``champion`` to ``version`` if the decision passed, is about ``version`` and the
+    champion is still the one it was judged against.
+
+    Refused with RegistryError (nothing changed) when the decision is a reject, names no
+    candidate version or another one, or was judged against a champion of unknown version.
+    Inside the promotion lock (waiting at most ``lock_timeout`` seconds) the version's
+    registration is checked (READY, ``weights_sha256`` tag = the hash its run recorded) and the
+    ``champion`` alias is compared with ``decision.champion_version`` (None = no champion then):
+    if it moved, the candidate is rejected with ``champion_changed``. The old champion gets
+    ``previous``. Any failure after these checks (lock timeout, registry error) restores the
+    aliases as they were, marks the version failed (:func:`mark_failed`) and re-raises.
     """
     version = str(version)
     if not decision.promote:
         raise RegistryError(f"version {version}: the gate decision is 'reject' ({'; '.join(decision.reasons)}); "
                             "call reject() instead")
-    if expected_champion is _UNSET:
-        expected_champion = decision.champion_version
-        if decision.has_champion and expected_champion is None:
-            raise RegistryError("the decision was made against a champion of unknown version: pass "
-                                "champion_version= to decide_promotion or expected_champion= to promote")
-    expected = None if expected_champion is None else str(expected_champion)
+    _bound_version(decision, version, required=True)
+    if decision.has_champion and decision.champion_version is None:
+        raise RegistryError("the decision was made against a champion of unknown version: pass "
+                            "champion_version= to decide_promotion")
+    expected = None if decision.champion_version is None else str(decision.champion_version)
     name = settings.model_name
     c = client(settings)
-    with _lock(settings):
-        current = _alias_version(c, name, CHAMPION)
-        if current != expected:
-            why = (f"champion_changed: judged against {expected or 'no champion'}, "
-                   f"but the champion is now version {current or 'none'}")
-            return reject(settings, version, decision, reason=why)
-        if current == version:
-            return PromotionResult(version, True, "already champion", current, current)
-        if current is not None:
-            c.set_registered_model_alias(name, PREVIOUS, current)
-        c.set_registered_model_alias(name, CHAMPION, version)
-        extra = {"promoted_at": _now(), "replaced_version": current or ""}
-        _record(settings, c, version, decision, "promoted", [], extra)
-        if current is not None:
-            c.set_model_version_tag(name, current, "replaced_by", version)
+    try:
+        with _lock(settings, timeout=lock_timeout):
+            _verify_registration(settings, c, version)
+            current = _alias_version(c, name, CHAMPION)
+            if current != expected:
+                why = (f"champion_changed: judged against {expected or 'no champion'}, "
+                       f"but the champion is now version {current or 'none'}")
+                return _reject(settings, c, version, decision, why)
+            if current == version:
+                return PromotionResult(version, True, "already champion", current, current)
+            previous = _alias_version(c, name, PREVIOUS)
+            try:
+                if current is not None:
+                    c.set_registered_model_alias(name, PREVIOUS, current)
+                c.set_registered_model_alias(name, CHAMPION, version)
+                extra = {"promoted_at": _now(), "replaced_version": current or ""}
+                _record(settings, c, version, decision, "promoted", [], extra)
+            except Exception:
+                _restore_aliases(c, name, current, previous)
+                raise
+            if current is not None:
+                try:
+                    c.set_model_version_tag(name, current, "replaced_by", version)
+                except Exception as exc:  # the promotion itself is complete
+                    log.warning("version %s promoted, but tagging %s replaced_by failed: %s", version, current, exc)
+    except Exception as exc:
+        mark_failed(settings, version, f"promotion failed: {type(exc).__name__}: {exc}")
+        raise
     log.info("%s version %s promoted to champion (previous: %s)", name, version, current)
     return PromotionResult(version, True, "promoted", current, version)
+
+
+def _restore_aliases(c, name: str, champion: str | None, previous: str | None) -> None:
+    """Put ``champion`` / ``previous`` back after a failed promotion (best effort, loud on failure)."""
+    for alias, v in ((CHAMPION, champion), (PREVIOUS, previous)):
+        try:
+            _set_alias(c, name, alias, v)
+        except Exception as exc:
+            log.error("could not restore alias %s -> %s after a failed promotion: %s; check the registry",
+                      alias, v or "(none)", exc)
+
+
+def _short_error(error: Any) -> str:
+    s = " ".join(str(error).split())
+    return s if len(s) <= _MAX_ERROR else s[: _MAX_ERROR - 3] + "..."
+
+
+def mark_failed(settings, version, error: str) -> None:
+    """Record that judging / promoting ``version`` failed; never raises, never moves champion/previous.
+
+    Tags the version ``gate_decision = failed``, ``gate_error`` (the error, shortened) and
+    ``gate_decided_at``; writes ``gate_report.md`` on its run (a FAILED header above the report
+    that was there) and tags the run; removes ``challenger`` if it points at this version. A
+    version that is the champion keeps its ``gate_decision`` (it is serving: roll back to undo)
+    and only gets ``gate_error``. Each step is best effort; what could not be done is logged.
+    """
+    name, version = settings.model_name, str(version)
+    short, when = _short_error(error), _now()
+    problems: list[str] = []
+    try:
+        c = client(settings)
+    except Exception as exc:
+        log.error("mark_failed(%s v%s): no registry client (%s); error was: %s", name, version, exc, short)
+        return
+    champion = None
+    try:
+        champion = _alias_version(c, name, CHAMPION)
+    except Exception as exc:
+        problems.append(f"read champion alias: {exc}")
+    serving = champion == version
+    tags = {"gate_error": short, "gate_failed_at": when}
+    if not serving:
+        tags.update({"gate_decision": "failed", "gate_decided_at": when})
+    for k, v in tags.items():
+        try:
+            c.set_model_version_tag(name, version, k, v)
+        except Exception as exc:
+            problems.append(f"tag {k}: {exc}")
+    run_id = None
+    try:
+        run_id = c.get_model_version(name, version).run_id
+    except Exception as exc:
+        problems.append(f"read version: {exc}")
+    if run_id:
+        before = ""
+        with tempfile.TemporaryDirectory(prefix="recloop-failed-") as tmp:
+            try:
+                before = Path(c.download_artifacts(run_id, "gate_report.md", tmp)).read_text(encoding="utf-8")
+            except Exception as exc:  # no report yet
+                log.debug("version %s: no earlier gate_report.md (%s)", version, exc)
+        state = ("It is the champion (serving); its gate decision was left as it is." if serving
+                 else f"It was not promoted; the champion is {'version ' + champion if champion else 'none'}.")
+        report = (f"# {name} version {version}: FAILED\n\n"
+                  f"Judging / promoting this version failed at {when}:\n\n    {short}\n\n{state}\n")
+        if before:
+            report += "\n---\n\nReport before the failure:\n\n" + before
+        try:
+            c.log_text(run_id, report, "gate_report.md")
+        except Exception as exc:
+            problems.append(f"gate_report.md: {exc}")
+        for k, v in ({"gate_error": short} if serving else {"gate_decision": "failed", "gate_error": short}).items():
+            try:
+                c.set_tag(run_id, k, v)
+            except Exception as exc:
+                problems.append(f"run tag {k}: {exc}")
+    try:
+        if _alias_version(c, name, CHALLENGER) == version:
+            c.delete_registered_model_alias(name, CHALLENGER)
+    except Exception as exc:
+        problems.append(f"drop challenger: {exc}")
+    if problems:
+        log.error("mark_failed(%s v%s) could not: %s", name, version, "; ".join(problems))
+    log.warning("%s version %s marked failed: %s", name, version, short)
 
 
 def rollback(settings, reason: str) -> PromotionResult:
@@ -636,9 +898,11 @@ def list_versions(settings) -> list[dict]:
             "version": str(mv.version),
             "aliases": sorted(set(aliases.get(str(mv.version), [])) | set(mv.aliases or [])),
             "gate_decision": tags.get("gate_decision"),
-            "gate_reasons": tags.get("gate_reasons") or tags.get("rollback_reason") or "",
+            "gate_reasons": ((tags.get("gate_error") if tags.get("gate_decision") == "failed" else None)
+                             or tags.get("gate_reasons") or tags.get("rollback_reason") or ""),
             "gates": {k[len("gate_"):]: v for k, v in tags.items()
-                      if k.startswith("gate_") and k not in ("gate_decision", "gate_reasons", "gate_decided_at")},
+                      if k.startswith("gate_") and k not in ("gate_decision", "gate_reasons", "gate_decided_at",
+                                                             "gate_error", "gate_failed_at")},
             "metrics": {k: metrics[k] for k in sorted(metrics) if not k.startswith("champion_")
                         and not k.startswith(("train_", "val_"))},
             "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),

@@ -19,11 +19,26 @@ import pandas as pd
 import pytest
 
 from models.evaluate import Evaluation
-from models.gates import decide_promotion
-from recloop.settings import GateSettings, load_settings
+from models.gates import GateDecision, GateRule
+from recloop.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
-LOOSE = GateSettings(require_baseline=False, group_columns=[])
+
+
+def verdict(promote: bool = True, champion_version=None, *, has_champion: bool | None = None,
+            candidate_version=None) -> GateDecision:
+    """A gate decision built by hand: these tests are about the registry, not the gate rules
+    (tests/test_gates.py). ``champion_version``: the champion it was judged against."""
+    has_champion = champion_version is not None if has_champion is None else has_champion
+    rules = [GateRule("min_auc", 0.71, 0.6, True, "0.7100 >= 0.6000")]
+    if has_champion:
+        rules.append(GateRule("vs_champion_auc", 0.02 if promote else -0.2, -0.01, promote,
+                              "AUC delta vs the champion " + ("within" if promote else "below") + " the margin",
+                              champion=0.69))
+    elif not promote:
+        rules[0] = GateRule("min_auc", 0.5, 0.6, False, "0.5000 < 0.6000")
+    return GateDecision(promote=promote, rules=rules, has_champion=has_champion, champion_version=champion_version,
+                        candidate_version=candidate_version)
 
 
 def fake_eval(signal: float, n: int = 400, seed: int = 0) -> Evaluation:
@@ -72,7 +87,7 @@ def world(tmp_path_factory):
     versions, runs = [], []
     for i in range(3):
         ev = fake_eval(1.0 + 0.2 * i)
-        decision = decide_promotion(ev, None, LOOSE)
+        decision = verdict(True)
         run_id, v = registry.log_and_register(
             s, model_dir=model_dir, evaluation=ev, champion_evaluation=None, decision=decision,
             lineage={"snapshot_hash": f"hash{i}", "window_start": "2024-01-01", "window_end": "2024-01-10",
@@ -165,23 +180,28 @@ def test_promote_reject_and_rollback_sequence(world):
     s = world["settings"]
     v1, v2, v3 = world["versions"]
     reset(s)
-    first = decide_promotion(fake_eval(1.0), None, LOOSE)
-    r = promote(s, v1, first)
+    first = verdict(True)
+    with pytest.raises(RegistryError, match="names no candidate version"):
+        promote(s, v1, first)  # a decision must say which version it judged
+    assert aliases(s) == {}
+    r = promote(s, v1, first.with_versions(candidate_version=v1))
     assert r.promoted and r.champion_before is None and aliases(s) == {"champion": v1}
 
-    bad = decide_promotion(fake_eval(0.2, seed=1), fake_eval(1.0), LOOSE, champion_version=v1)
+    bad = verdict(False, v1)
     assert not bad.promote
     with pytest.raises(RegistryError, match="call reject"):
-        promote(s, v2, bad)
+        promote(s, v2, bad.with_versions(candidate_version=v2))
+    with pytest.raises(RegistryError, match="judged version"):
+        reject(s, v2, bad.with_versions(candidate_version=v3))
     rj = reject(s, v2, bad)
     assert not rj.promoted and aliases(s) == {"champion": v1}
     tags = client(s).get_model_version(s.model_name, v2).tags
     assert tags["gate_decision"] == "rejected" and "vs_champion_auc" in tags["gate_reasons"]
-    assert tags["gate_vs_champion_auc"].startswith("fail") and "gate_auc_delta_ci" in tags
+    assert tags["gate_vs_champion_auc"].startswith("fail")
 
-    good = decide_promotion(fake_eval(1.4, seed=2), fake_eval(1.0), LOOSE, champion_version=v1)
+    good = verdict(True, v1)
     assert good.promote
-    r3 = promote(s, v3, good)
+    r3 = promote(s, v3, good.with_versions(candidate_version=v3))
     assert r3.promoted and aliases(s) == {"champion": v3, "previous": v1}
     assert client(s).get_model_version(s.model_name, v3).tags["replaced_version"] == v1
 
@@ -206,29 +226,47 @@ def test_champion_changed_since_judgement_is_rejected(world):
     s = world["settings"]
     v1, v2, v3 = world["versions"]
     reset(s, champion=v2)
-    judged_vs_v1 = decide_promotion(fake_eval(1.4), fake_eval(1.0), LOOSE, champion_version=v1)
+    judged_vs_v1 = verdict(True, v1).with_versions(candidate_version=v3)
     r = promote(s, v3, judged_vs_v1)
     assert not r.promoted and r.reason == "champion_changed" and aliases(s) == {"champion": v2}
     assert "champion_changed" in client(s).get_model_version(s.model_name, v3).tags["gate_reasons"]
+    # there is no override: the same decision stays a decision against champion 1
+    assert not promote(s, v3, judged_vs_v1).promoted and aliases(s) == {"champion": v2}
     # a first-model decision (no champion) cannot overwrite a champion that appeared meanwhile
-    assert not promote(s, v3, decide_promotion(fake_eval(1.0), None, LOOSE)).promoted
+    first = verdict(True).with_versions(candidate_version=v3)
+    assert not promote(s, v3, first).promoted and aliases(s) == {"champion": v2}
     # a decision against an unnamed champion is refused loudly
     with pytest.raises(RegistryError, match="unknown version"):
-        promote(s, v3, decide_promotion(fake_eval(1.4), fake_eval(1.0), LOOSE))
-    assert promote(s, v3, judged_vs_v1, expected_champion=v2).promoted
+        promote(s, v3, verdict(True, None, has_champion=True).with_versions(candidate_version=v3))
+    # only a new judgement against the live champion can promote
+    judged_vs_v2 = verdict(True, v2).with_versions(candidate_version=v3)
+    assert promote(s, v3, judged_vs_v2).promoted and aliases(s) == {"champion": v3, "previous": v2}
+
+
+def test_a_decision_for_one_version_cannot_promote_another(world):
+    from models.registry import RegistryError, client, promote
+
+    s = world["settings"]
+    v1, v2, v3 = world["versions"]
+    reset(s, champion=v1)
+    client(s).set_registered_model_alias(s.model_name, "challenger", v3)
+    for_v2 = verdict(True, v1, candidate_version=v2)
+    assert for_v2.promote
+    with pytest.raises(RegistryError, match=f"judged version {v2}, not version {v3}"):
+        promote(s, v3, for_v2)
+    assert aliases(s) == {"champion": v1, "challenger": v3}  # nothing changed
 
 
 CONCURRENT = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_registry import fake_eval, LOOSE
-    from models.gates import decide_promotion
+    from test_registry import verdict
     from models.registry import promote
     from recloop.settings import load_settings
     s = load_settings({ws!r})
     version, champion = sys.argv[1], sys.argv[2]
-    decision = decide_promotion(fake_eval(1.4), fake_eval(1.0), LOOSE, champion_version=champion)
+    decision = verdict(True, champion, candidate_version=version)
     Path(sys.argv[3]).write_text("ready")
     go = Path({go!r})
     while not go.exists():
@@ -367,3 +405,238 @@ def test_cli_models_and_rollback(world):
     assert again.exit_code == 1 and "no 'previous' version" in again.output
     missing = runner.invoke(app, ["rollback", "-w", str(s.workspace)])
     assert missing.exit_code != 0
+
+
+# --------------------------------------------------------------------------- integrity: retries, failures
+def _with_key(s, key: str) -> tuple[list, list]:
+    """(versions, runs) carrying registration key ``key``."""
+    from models.registry import client
+
+    c = client(s)
+    versions = c.search_model_versions(f"name='{s.model_name}' and tags.registration_key='{key}'")
+    exp = c.get_experiment_by_name(s.model_name)
+    runs = c.search_runs([exp.experiment_id], f"tags.registration_key = '{key}'")
+    return versions, runs
+
+
+def _register_for_flow(world, flow_run: str):
+    from models.registry import log_and_register
+
+    return log_and_register(world["settings"], world["model_dir"], fake_eval(1.0), catalog=world["catalog"],
+                            lineage={"prefect_flow_run_id": flow_run, "snapshot_hash": f"snap-{flow_run}"})
+
+
+def _pending_challenger(s, version):
+    from models.registry import client
+
+    c = client(s)
+    c.set_model_version_tag(s.model_name, version, "gate_decision", "pending")
+    c.set_registered_model_alias(s.model_name, "challenger", version)
+
+
+def _report(s, version) -> str:
+    from models.registry import client
+
+    c = client(s)
+    run_id = c.get_model_version(s.model_name, version).run_id
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(c.download_artifacts(run_id, "gate_report.md", tmp)).read_text()
+
+
+def test_registration_key():
+    from models.registry import registration_key
+
+    assert registration_key(None, "fp", "snap", "w") is None and registration_key("", "fp", "snap", "w") is None
+    k = registration_key("flow-1", "fp", "snap", "w")
+    assert len(k) == 32 and k == registration_key("flow-1", "fp", "snap", "w")
+    assert len({k, registration_key("flow-2", "fp", "snap", "w"), registration_key("flow-1", "fp2", "snap", "w"),
+                registration_key("flow-1", "fp", "snap2", "w"), registration_key("flow-1", "fp", "snap", "w2")}) == 5
+
+
+def test_registering_twice_in_one_flow_run_gives_one_version(world):
+    from models.registry import client
+
+    s = world["settings"]
+    reset(s)
+    first = _register_for_flow(world, "flow-twice")
+    again = _register_for_flow(world, "flow-twice")
+    assert again == first
+    mv = client(s).get_model_version(s.model_name, first[1])
+    versions, runs = _with_key(s, mv.tags["registration_key"])
+    assert [str(v.version) for v in versions] == [first[1]] and [r.info.run_id for r in runs] == [first[0]]
+    assert aliases(s) == {"challenger": first[1]} and mv.tags["gate_decision"] == "pending"
+
+
+def test_retry_after_a_failure_right_after_register_model(world, monkeypatch):
+    from mlflow import MlflowClient
+
+    from models.registry import client
+
+    s = world["settings"]
+    reset(s)
+    real = MlflowClient.set_registered_model_alias
+    failed = []
+
+    def flaky(self, name, alias, version):
+        if alias == "challenger" and not failed:
+            failed.append(version)
+            raise ConnectionError("registry went away")
+        return real(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", flaky)
+    with pytest.raises(ConnectionError):
+        _register_for_flow(world, "flow-alias")
+    assert failed and aliases(s) == {}  # the version exists, pending, without its alias
+    run_id, version = _register_for_flow(world, "flow-alias")  # the task's retry
+    assert version == failed[0]
+    c = client(s)
+    versions, runs = _with_key(s, c.get_model_version(s.model_name, version).tags["registration_key"])
+    assert len(versions) == 1 and len(runs) == 1 and runs[0].info.run_id == run_id
+    assert aliases(s) == {"challenger": version} and c.get_run(run_id).data.tags["model_version"] == version
+
+
+def test_retry_after_register_model_failed_registers_the_logged_run(world, monkeypatch):
+    import mlflow
+
+    from models.registry import client
+
+    s = world["settings"]
+    reset(s)
+    real, calls = mlflow.register_model, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionError("registry went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "register_model", flaky)
+    with pytest.raises(ConnectionError):
+        _register_for_flow(world, "flow-register")
+    c = client(s)
+    key = c.search_runs([c.get_experiment_by_name(s.model_name).experiment_id],
+                        "tags.prefect_flow_run_id = 'flow-register'")[0].data.tags["registration_key"]
+    versions, runs = _with_key(s, key)
+    assert versions == [] and len(runs) == 1
+    run_id, version = _register_for_flow(world, "flow-register")
+    versions, runs = _with_key(s, key)
+    assert run_id == runs[0].info.run_id and len(runs) == 1 and [str(v.version) for v in versions] == [version]
+    assert calls[1][0] == calls[0][0]  # the model logged the first time, not a new one
+    tags = c.get_model_version(s.model_name, version).tags
+    assert tags["gate_decision"] == "pending" and tags["snapshot_hash"] == "snap-flow-register"
+    assert len(tags["weights_sha256"]) == 64 and tags["run_id"] == run_id
+    assert aliases(s) == {"challenger": version}
+
+
+def test_mark_failed_records_the_error_and_drops_only_challenger(world):
+    from models.registry import client, mark_failed
+
+    s = world["settings"]
+    v1, v2, v3 = world["versions"]
+    reset(s, champion=v1, previous=v2)
+    _pending_challenger(s, v3)
+    mark_failed(s, v3, "RuntimeError: boom\n  at line 3\n" + "x" * 2000)
+    c = client(s)
+    tags = c.get_model_version(s.model_name, v3).tags
+    assert tags["gate_decision"] == "failed" and tags["gate_decided_at"]
+    assert tags["gate_error"].startswith("RuntimeError: boom at line 3") and len(tags["gate_error"]) <= 500
+    assert aliases(s) == {"champion": v1, "previous": v2}
+    report = _report(s, v3)
+    assert report.startswith(f"# {s.model_name} version {v3}: FAILED") and "boom" in report
+    assert c.get_run(c.get_model_version(s.model_name, v3).run_id).data.tags["gate_decision"] == "failed"
+    # the champion keeps its decision (it is serving) and a challenger on another version stays
+    c.set_model_version_tag(s.model_name, v1, "gate_decision", "promoted")
+    _pending_challenger(s, v3)
+    mark_failed(s, v1, "event emit failed")
+    t1 = c.get_model_version(s.model_name, v1).tags
+    assert t1["gate_decision"] == "promoted" and t1["gate_error"] == "event emit failed"
+    assert aliases(s) == {"champion": v1, "previous": v2, "challenger": v3}
+
+
+def test_mark_failed_is_best_effort(world, monkeypatch, caplog):
+    from mlflow import MlflowClient
+
+    from models.registry import client, mark_failed
+
+    s = world["settings"]
+    v1, v2, v3 = world["versions"]
+    reset(s, champion=v1)
+    _pending_challenger(s, v2)
+
+    def down(*args, **kwargs):
+        raise OSError("artifact store down")
+
+    monkeypatch.setattr(MlflowClient, "log_text", down)
+    monkeypatch.setattr(MlflowClient, "set_tag", down)
+    with caplog.at_level("ERROR", logger="models.registry"):
+        mark_failed(s, v2, "lock timeout")
+    assert "could not" in caplog.text and "gate_report.md" in caplog.text
+    assert client(s).get_model_version(s.model_name, v2).tags["gate_decision"] == "failed"
+    assert aliases(s) == {"champion": v1}
+
+
+def test_promotion_that_times_out_on_the_lock_is_marked_failed(world):
+    from filelock import Timeout
+
+    from models.registry import _lock, client, promote
+
+    s = world["settings"]
+    v1, v2, v3 = world["versions"]
+    reset(s, champion=v1)
+    _pending_challenger(s, v2)
+    decision = verdict(True, v1)
+    holder = _lock(s, timeout=5)
+    holder.acquire()  # another promoter holds the lock
+    try:
+        with pytest.raises(Timeout):
+            promote(s, v2, decision.with_versions(candidate_version=v2), lock_timeout=0.2)
+    finally:
+        holder.release()
+    tags = client(s).get_model_version(s.model_name, v2).tags
+    assert tags["gate_decision"] == "failed" and tags["gate_error"].startswith("promotion failed: Timeout")
+    assert aliases(s) == {"champion": v1}
+    assert "FAILED" in _report(s, v2)
+
+
+def test_promotion_failing_midway_restores_the_aliases(world, monkeypatch):
+    from mlflow import MlflowClient
+
+    from models.registry import client, promote
+
+    s = world["settings"]
+    v1, v2, v3 = world["versions"]
+    reset(s, champion=v1, previous=v3)
+    _pending_challenger(s, v2)
+    decision = verdict(True, v1)
+
+    def down(*args, **kwargs):
+        raise OSError("artifact store down")
+
+    monkeypatch.setattr(MlflowClient, "log_text", down)  # the gate report cannot be written
+    with pytest.raises(OSError, match="artifact store down"):
+        promote(s, v2, decision.with_versions(candidate_version=v2))
+    assert aliases(s) == {"champion": v1, "previous": v3}
+    tags = client(s).get_model_version(s.model_name, v2).tags
+    assert tags["gate_decision"] == "failed" and "artifact store down" in tags["gate_error"]
+
+
+def test_promote_checks_the_registered_weights(world):
+    from models.registry import RegistryError, client, promote
+
+    s = world["settings"]
+    v1, v2, v3 = world["versions"]
+    reset(s, champion=v1)
+    _pending_challenger(s, v2)
+    c = client(s)
+    real = c.get_model_version(s.model_name, v2).tags["weights_sha256"]
+    c.set_model_version_tag(s.model_name, v2, "weights_sha256", "0" * 64)
+    try:
+        decision = verdict(True, v1)
+        with pytest.raises(RegistryError, match="differs from the weights hash"):
+            promote(s, v2, decision.with_versions(candidate_version=v2))
+    finally:
+        c.set_model_version_tag(s.model_name, v2, "weights_sha256", real)
+    assert aliases(s) == {"champion": v1}
+    assert c.get_model_version(s.model_name, v2).tags["gate_decision"] == "failed"
