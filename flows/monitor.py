@@ -49,7 +49,7 @@ def load_champion_for_monitoring(settings, store: FeedbackStore):
         if "events" not in history:  # read once, on first use
             history["events"] = store.read()
             catalog["items"] = store.catalog()
-        return model.score(rows, history["events"], catalog["items"])
+        return model.score(rows, history["events"], catalog["items"], lag=settings.feature_lag)
 
     return info, scorer
 

@@ -2,12 +2,13 @@
 
 :class:`RecDataModule` turns feedback events + catalog into tensors once:
 
-* a time-based split: the last ``val_fraction`` of the window **by time** is validation;
+* a time-based split: the last ``val_fraction`` of the window **by time** is validation
+  (``val_fraction=0``: every event is a training example, no validation - the refit);
 * vocabularies of user and item ids seen in the *training* part (index 0 = unknown);
 * an item index over every catalog item (plus items only seen in events) and a query
   index over distinct query texts: the model encodes each text once, never per example;
 * point-in-time features (:mod:`models.features`) computed from the whole window but
-  only from events strictly before each example.
+  only from events strictly before each example's time minus the label delay ``lag``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from models import _quiet  # noqa: F401  (before lightning is imported)
-from models.features import point_in_time_features
+from models.features import lag_ns, point_in_time_features
 from recloop.schema import item_text
 
 REQUIRED = ("user_id", "item_id", "label", "timestamp")
@@ -96,9 +97,9 @@ def encode_ids(values: pd.Series, vocab: dict[str, int]) -> np.ndarray:
 
 def example_tensors(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame, items: ItemIndex,
                     queries: dict[str, int], user_vocab: dict[str, int], history_len: int,
-                    prior: float) -> dict[str, torch.Tensor]:
-    """Model inputs for ``rows``: ids, point-in-time history and wide statistics."""
-    feats = point_in_time_features(rows, history, catalog, items.position, history_len, prior)
+                    prior: float, lag=None) -> dict[str, torch.Tensor]:
+    """Model inputs for ``rows``: ids, point-in-time history and wide statistics (events older than t - lag)."""
+    feats = point_in_time_features(rows, history, catalog, items.position, history_len, prior, lag=lag)
     q = clean_queries(rows["query"] if "query" in rows.columns else None, len(rows))
     return {
         "user": torch.as_tensor(encode_ids(rows["user_id"], user_vocab)),
@@ -137,10 +138,15 @@ def _as_batch(batch):
 
 
 class RecDataModule(pl.LightningDataModule):
-    """Tensors built once in :meth:`setup`; loaders are plain in-memory ``TensorDataset``s."""
+    """Tensors built once in :meth:`setup`; loaders are plain in-memory ``TensorDataset``s.
+
+    ``lag``: the label delay of the features (``pd.Timedelta``; None = 0). ``val_fraction=0``:
+    no validation part, every event is a training example (the refit on the whole window).
+    ``train_start`` / ``train_end``: the first and the newest event of the training part.
+    """
 
     def __init__(self, events: pd.DataFrame, catalog: pd.DataFrame, history_len: int = 20,
-                 val_fraction: float = 0.15, batch_size: int = 512, seed: int = 42):
+                 val_fraction: float = 0.15, batch_size: int = 512, seed: int = 42, lag=None):
         super().__init__()
         self.events = validate_events(events)
         self.catalog = catalog
@@ -148,14 +154,20 @@ class RecDataModule(pl.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.lag = pd.Timedelta(lag_ns(lag), unit="ns")
         self._built = False
 
     def setup(self, stage: str | None = None) -> None:
         if self._built:
             return
-        train, val = time_split(self.events, self.val_fraction)
+        if self.val_fraction == 0.0:
+            train = self.events.sort_values("timestamp", kind="stable").reset_index(drop=True)
+            val = train.iloc[0:0]
+        else:
+            train, val = time_split(self.events, self.val_fraction)
         self.train_events, self.val_events = train, val
-        self.train_start, self.train_end = self.events["timestamp"].min(), self.events["timestamp"].max()
+        self.train_start, self.train_end = train["timestamp"].min(), train["timestamp"].max()
+        self.window_start, self.window_end = self.events["timestamp"].min(), self.events["timestamp"].max()
         self.items = ItemIndex.from_catalog(self.catalog, self.events["item_id"])
         self.user_vocab = {u: i + 1 for i, u in enumerate(sorted(train["user_id"].astype(str).unique()))}
         self.item_vocab = {x: i + 1 for i, x in enumerate(sorted(train["item_id"].astype(str).unique()))}
@@ -170,7 +182,7 @@ class RecDataModule(pl.LightningDataModule):
         self.tensors = {}
         for name, part in (("train", train), ("val", val)):
             t = example_tensors(part, history, self.catalog, self.items, self.queries, self.user_vocab,
-                                self.history_len, self.prior)
+                                self.history_len, self.prior, lag=self.lag)
             t["label"] = torch.as_tensor(part["label"].to_numpy(dtype=np.float32))
             self.tensors[name] = t
         self.n_train, self.n_val = len(train), len(val)
@@ -189,7 +201,9 @@ class RecDataModule(pl.LightningDataModule):
         return DataLoader(self._dataset("train"), batch_size=self.batch_size, shuffle=True, generator=g,
                           num_workers=0, drop_last=False, collate_fn=_as_batch)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.n_val == 0:  # the refit: no validation part
+            return []
         return DataLoader(self._dataset("val"), batch_size=max(self.batch_size, 1024), shuffle=False, num_workers=0,
                           collate_fn=_as_batch)
 

@@ -1,8 +1,15 @@
 """Point-in-time features, shared by training, evaluation and scoring.
 
 For every row ``(user_id, item_id, timestamp)`` the features only see ``history``
-events **strictly before** the row's timestamp (events at the same instant are
-excluded); a row without a timestamp sees all of ``history``.
+events **strictly before** the row's timestamp minus the label delay ``lag`` (events at
+that instant are excluded); a row without a timestamp sees all of ``history``.
+
+The lag models ingest: a label reaches the serving store only after the next ingest run
+(``Settings.feature_lag``, the ingest cron's period by default), so a server answering at
+time t holds the events older than about t - lag. Offline features with the same lag
+equal the serving features of :class:`ServingStats` built from those events (with
+``now=t`` for the item age): ``tests/test_feature_lag.py``. Item age is measured at the
+row's own time (the catalog is not a label).
 
 * ``history_items``: the user's last ``history_len`` positive items (oldest first,
   right-aligned, ``-1`` = padding), as indices into an item index.
@@ -81,14 +88,30 @@ def _codes(*columns: pd.Series) -> list[np.ndarray]:
     return out
 
 
+def lag_ns(lag) -> int:
+    """A label delay (``pd.Timedelta``, ``timedelta``, seconds as a number, or None = 0) in nanoseconds."""
+    if lag is None:
+        return 0
+    if isinstance(lag, (int, float, np.integer, np.floating)) and not isinstance(lag, bool):
+        lag = pd.Timedelta(seconds=float(lag))
+    value = pd.Timedelta(lag)
+    if pd.isna(value):
+        return 0
+    if value < pd.Timedelta(0):
+        raise ValueError(f"the feature lag must not be negative, got {value}")
+    return int(value.value)
+
+
 def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame,
                            item_index: dict[str, int], history_len: int = 20,
-                           prior: float | None = None) -> PointInTimeFeatures:
+                           prior: float | None = None, lag=None) -> PointInTimeFeatures:
     """Features for ``rows`` (user_id, item_id, optional timestamp/query) from ``history`` before each row.
 
     ``item_index`` maps item ids to the indices stored in ``history_items`` (items not in it
     are dropped from histories). ``prior`` is the like-rate used for smoothing (default: the
-    like-rate of ``history``).
+    like-rate of ``history``). ``lag`` (``pd.Timedelta``; None or 0 = none): a row at time t
+    only sees events with timestamp < t - lag (history items and every statistic alike);
+    rows without a timestamp still see all of ``history``.
     """
     for col in ("user_id", "item_id"):
         if col not in rows.columns:
@@ -111,9 +134,12 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     history = history.reset_index(drop=True)
     n = len(rows)
     row_t = _times_ns(rows["timestamp"] if "timestamp" in rows.columns else None, n)
+    lag = lag_ns(lag)
+    # what a row may see ends at t - lag: shift the row times once, before ranking (item age keeps row_t)
+    seen_t = np.where(row_t == _NO_TIME, _NO_TIME, row_t - lag) if lag else row_t
     hist_t = _times_ns(history["timestamp"], len(history))
     labels = history["label"].to_numpy(dtype=np.int64, na_value=0)
-    uniq, inv = np.unique(np.concatenate([hist_t, row_t]), return_inverse=True)
+    uniq, inv = np.unique(np.concatenate([hist_t, seen_t]), return_inverse=True)
     hist_r, row_r = inv[: len(hist_t)].astype(np.int64), inv[len(hist_t):].astype(np.int64)
     base = np.int64(len(uniq) + 1)
 
@@ -217,7 +243,7 @@ class ServingStats:
     item_log_age: np.ndarray  # float64 [n_items] log1p(age in days at ref_now), 0 without created_at
     categories: list  # code -> category string
     unknown_cat: int  # code of UNKNOWN_CATEGORY
-    ref_now: int  # ns: the latest history time (or the build time for an empty history)
+    ref_now: int  # ns: ``now`` if given, else the latest history time (or the build time for an empty history)
     user_index: dict  # user_id -> row of user_start
     user_start: np.ndarray  # int64 [n_users + 1]: each user's slice of ev_item / ev_label
     ev_item: np.ndarray  # int64 item positions of the events, sorted by (user, time), stable
@@ -232,11 +258,14 @@ class ServingStats:
 
     @classmethod
     def build(cls, history: pd.DataFrame, catalog: pd.DataFrame,
-              previous: ServingStats | None = None) -> ServingStats:
+              previous: ServingStats | None = None, now=None) -> ServingStats:
         """Statistics of ``history`` (user_id, item_id, label, timestamp) against ``catalog``
         (an ``item_id`` column; ``category``, ``created_at`` and the text columns used when present).
 
         ``previous``: stats built from the *same* catalog object; its catalog part is reused.
+        ``now``: the time item ages are measured at (default: the latest history time, as for a
+        row without a timestamp). With ``now=t`` and ``history`` = the events older than
+        ``t - lag``, the features equal :func:`point_in_time_features` of a row at ``t`` with ``lag``.
         """
         missing = {"user_id", "item_id", "label", "timestamp"} - set(history.columns)
         if missing:
@@ -251,6 +280,9 @@ class ServingStats:
         t = _times_ns(history["timestamp"], len(history))
         valid = t != _NO_TIME  # rows without a time see every event with a time, never a NaT one
         ref_now = int(t[valid].max()) if valid.any() else pd.Timestamp.now(tz="UTC").value
+        if now is not None:
+            now = pd.Timestamp(now)
+            ref_now = (now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")).value
         users = history["user_id"].astype(str).to_numpy(dtype=object)[valid]
         items = history["item_id"].astype(str).to_numpy(dtype=object)[valid]
         labels = history["label"].to_numpy(dtype=np.int64, na_value=0)[valid]

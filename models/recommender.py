@@ -8,9 +8,11 @@ Artifact layout (``Recommender.save(dir)``), no pickle anywhere:
 * ``text_vectors.safetensors`` + ``text_index.json`` - the encoder's vectors of the item and
   query texts seen so far (so loading and serving need no re-encoding of the catalog).
 
-Scoring is point-in-time (:mod:`models.features`): a row with a timestamp only sees
-``history`` events strictly before it, a row without one sees all of ``history`` - so
-at serving time the freshest store contents drive the user profile and the statistics.
+Scoring is point-in-time (:mod:`models.features`): a row with a timestamp t only sees
+``history`` events older than t - lag (the label delay the model was trained with,
+``config["feature_lag_seconds"]``, unless :meth:`Recommender.score` is given another), a row
+without one sees all of ``history`` - so at serving time the store contents (which lag by
+the ingest cadence already) drive the user profile and the statistics.
 
 Serving fast path (one user x many items, "as of now"): build
 :class:`models.features.ServingStats` once per store snapshot, then
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from models.data import ItemIndex, clean_queries, encode_ids
-from models.features import WIDE_COLUMNS, ServingStats, UserStats, point_in_time_features
+from models.features import WIDE_COLUMNS, ServingStats, UserStats, lag_ns, point_in_time_features
 from models.network import TextEncoder, TwoTowerWide
 
 FORMAT_VERSION = 1
@@ -156,6 +158,11 @@ class Recommender:
 
     # ------------------------------------------------------------------ description
     @property
+    def feature_lag(self) -> pd.Timedelta:
+        """The label delay the model was trained with (0 for models saved before it was recorded)."""
+        return pd.Timedelta(seconds=float(self.config.get("feature_lag_seconds") or 0.0))
+
+    @property
     def info(self) -> dict:
         c = self.config
         n_heads = sum(p.numel() for p in self.net.parameters())
@@ -164,7 +171,9 @@ class Recommender:
             "encoder": c.get("encoder"), "mode": c.get("mode"), "embed_dim": c.get("embed_dim"),
             "history_len": c.get("history_len"), "train_start": c.get("train_start"),
             "train_end": c.get("train_end"), "n_train": c.get("n_train"), "n_val": c.get("n_val"),
-            "best_val_auc": c.get("best_val_auc"), "n_users_known": len(self.user_vocab),
+            "best_val_auc": c.get("best_val_auc"), "epochs_chosen": c.get("epochs_chosen"),
+            "refit_full": c.get("refit_full"), "feature_lag_seconds": c.get("feature_lag_seconds", 0.0),
+            "n_users_known": len(self.user_vocab),
             "n_items_known": len(self.item_vocab), "parameters": {"heads": n_heads, "encoder": n_enc},
             "wide_columns": list(WIDE_COLUMNS),
         }
@@ -222,7 +231,7 @@ class Recommender:
         return tower
 
     # ------------------------------------------------------------------ scoring
-    def _prepare(self, pairs: pd.DataFrame, history: pd.DataFrame | None, catalog: pd.DataFrame):
+    def _prepare(self, pairs: pd.DataFrame, history: pd.DataFrame | None, catalog: pd.DataFrame, lag=None):
         for col in ("user_id", "item_id"):
             if col not in pairs.columns:
                 raise ValueError(f"pairs need a {col!r} column")
@@ -238,7 +247,7 @@ class Recommender:
                                                            history["item_id"].astype("string")]))
         tower = self._item_tower(items)
         feats = point_in_time_features(pairs, history, catalog, items.position, self.config["history_len"],
-                                       self.config["prior"])
+                                       self.config["prior"], lag=lag)
         q = clean_queries(pairs["query"] if "query" in pairs.columns else None, len(pairs))
         return pairs, items, tower, feats, q
 
@@ -253,9 +262,14 @@ class Recommender:
                                      torch.as_tensor(user_ids[rows]), qv, torch.as_tensor(has))
 
     def score(self, pairs: pd.DataFrame, history: pd.DataFrame | None, catalog: pd.DataFrame,
-              batch_size: int = 8192) -> np.ndarray:
-        """Like-probabilities for ``pairs`` (user_id, item_id, optional query / timestamp)."""
-        pairs, items, tower, feats, q = self._prepare(pairs, history, catalog)
+              batch_size: int = 8192, lag=None) -> np.ndarray:
+        """Like-probabilities for ``pairs`` (user_id, item_id, optional query / timestamp).
+
+        A row at time t sees the ``history`` events older than t - ``lag``; ``lag=None``: the lag the
+        model was trained with (:attr:`feature_lag`). Rows without a timestamp see all of ``history``.
+        """
+        lag = self.feature_lag if lag is None else pd.Timedelta(lag_ns(lag), unit="ns")
+        pairs, items, tower, feats, q = self._prepare(pairs, history, catalog, lag=lag)
         target = pairs["item_id"].astype("string").map(items.position).to_numpy(dtype=np.int64)
         users = encode_ids(pairs["user_id"], self.user_vocab)
         out = np.empty(len(pairs), dtype=np.float64)
@@ -292,10 +306,11 @@ class Recommender:
 
     # ------------------------------------------------------------------ serving fast path
     def serving_stats(self, history: pd.DataFrame | None, catalog: pd.DataFrame,
-                      previous: ServingStats | None = None) -> ServingStats:
-        """:class:`ServingStats` of a history snapshot (model-independent; build once per snapshot)."""
+                      previous: ServingStats | None = None, now=None) -> ServingStats:
+        """:class:`ServingStats` of a history snapshot (model-independent; build once per snapshot).
+        ``now``: when item ages are measured (default: the newest history event)."""
         return ServingStats.build(_empty_history() if history is None or len(history) == 0 else history,
-                                  catalog, previous)
+                                  catalog, previous, now=now)
 
     def _towers_at(self, stats: ServingStats, positions: np.ndarray, item_ids=None) -> torch.Tensor:
         """Item-tower vectors (not normalised) of the items at ``positions`` (-1: ``item_ids[j]``, text = id)."""

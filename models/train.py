@@ -1,11 +1,30 @@
 """``train_recommender``: a store window in, a trained :class:`Recommender` out.
 
+Two fits (``settings.retrain.refit_full``, on by default):
+
+1. **selection**: train on the earlier part of the window, validate on the last
+   ``val_fraction`` (by time); the epoch count is the best epoch by validation AUC (early
+   stopping with ``patience`` as usual);
+2. **refit**: from scratch (same seed) on the whole window - training *and* validation
+   events, vocabularies and like-rate prior included - for exactly that many epochs (the
+   learning-rate schedule spans the same ``max_epochs`` as in the selection run, so the
+   refit follows the selection run's schedule and stops at the chosen epoch). The newest
+   data is then part of the promoted model, not only of its model selection.
+
+With ``refit_full`` off the selection run's best weights are returned (as before). The
+encoder pass is shared: in frozen mode the text vectors are encoded once for both fits;
+in fine-tuning modes the encoder's initial weights are restored before the refit.
+
+Features use the label delay ``settings.feature_lag`` (``models.features``): an example at
+time t only sees events older than t - lag, as a server does.
+
 The Lightning ``Trainer`` gets ``precision`` / ``accelerator`` / ``devices`` / ``strategy``
 from ``settings.training``; it writes nothing into the working directory (no loggers,
 no progress bars, its root is a temporary folder). The best weights by validation AUC
 are exported as safetensors by :class:`BestWeights` (Lightning's ``ModelCheckpoint``
 writes pickled ``.ckpt`` files, which this project never loads), together with the
-per-epoch history, so that spawned DDP workers hand them back through files.
+per-epoch history, so that spawned DDP workers hand them back through files; the refit's
+final weights travel the same way (:class:`FinalWeights`).
 """
 
 from __future__ import annotations
@@ -39,10 +58,13 @@ class TrainedModel:
     seconds: float = 0.0
     n_train: int = 0
     n_val: int = 0
-    best_val_auc: float | None = None
-    train_start: pd.Timestamp | None = None
-    train_end: pd.Timestamp | None = None
-    timings: dict = field(default_factory=dict)  # seconds per phase: features, encode, fit
+    best_val_auc: float | None = None  # of the selection run
+    train_start: pd.Timestamp | None = None  # the first event the model depends on
+    train_end: pd.Timestamp | None = None  # the newest event it depends on (fit or epoch selection)
+    timings: dict = field(default_factory=dict)  # seconds per phase: features, encode, fit[, refit_features, refit]
+    epochs_chosen: int = 0  # best epoch (1-based) of the selection run: the refit's epoch count
+    refit_full: bool = False  # the model was refit on train + validation
+    feature_lag: pd.Timedelta = field(default_factory=lambda: pd.Timedelta(0))
 
 
 class BestWeights(Callback):
@@ -89,6 +111,35 @@ class BestWeights(Callback):
             save_file(trainable_state(pl_module), str(self.weights_path), metadata={self.monitor: str(value)})
 
 
+class FinalWeights(Callback):
+    """The refit: stop after ``stop_after`` epochs and export the final trainable weights as safetensors.
+
+    The Trainer runs with the selection run's ``max_epochs`` (so the learning-rate schedule is the
+    same) and this callback ends it at the chosen epoch.
+    """
+
+    def __init__(self, directory: Path, stop_after: int):
+        self.directory = Path(directory)
+        self.stop_after = int(stop_after)
+        self.epochs = 0
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / "final.safetensors"
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: RecommenderModule) -> None:
+        self.epochs = int(trainer.current_epoch) + 1
+        if self.epochs >= self.stop_after:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: RecommenderModule) -> None:
+        if trainer.is_global_zero:
+            from safetensors.torch import save_file
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(pl_module), str(self.weights_path), metadata={"epochs": str(self.epochs)})
+
+
 def trainable_state(module: RecommenderModule) -> dict[str, torch.Tensor]:
     """Heads always; the encoder's weights too when the mode fine-tunes it."""
     state = {f"net.{k}": v for k, v in module.net.state_dict().items()}
@@ -117,80 +168,135 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+def _chosen_epochs(history: list[dict]) -> tuple[int, float | None]:
+    """(epochs to refit for, best validation AUC): the first epoch with the highest val AUC
+    (the one :class:`BestWeights` keeps); without any val AUC, the epochs that ran."""
+    aucs = [(h["val_auc"], h.get("epoch", k)) for k, h in enumerate(history) if "val_auc" in h]
+    if not aucs:
+        return max(len(history), 1), None
+    best = max(a for a, _ in aucs)
+    epoch = next(e for a, e in aucs if a == best)
+    return int(epoch) + 1, float(best)
+
+
+def _new_module(cfg, encoder: TextEncoder, texts: TextSource, dm: RecDataModule) -> RecommenderModule:
+    net = TwoTowerWide(encoder.dim, cfg.embed_dim, len(dm.user_vocab), len(dm.item_vocab), len(WIDE_COLUMNS),
+                       cfg.id_embeddings, cfg.id_dropout)
+    net.set_wide_stats(dm.train_wide)
+    return RecommenderModule(net, texts, dm.item_vocab_of_index, cfg.lr_heads, cfg.lr_encoder,
+                             cfg.weight_decay, cfg.warmup_steps)
+
+
+def _fit(cfg, kind: str, module: RecommenderModule, dm: RecDataModule, callbacks: list[Callback], root: Path,
+         max_epochs: int, fast_dev_run, progress_bar: bool, validate: bool = True) -> None:
+    on_cpu = cfg.accelerator == "cpu" or not torch.cuda.is_available()
+    # the frozen-mode step is many small ops: on a shared 2-core box one thread is several
+    # times faster than two spin-waiting ones (the encoder pass used all cores)
+    threads = (cfg.fit_threads or (1 if kind == "frozen" else 0)) if on_cpu else 0
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        strategy=cfg.strategy, precision=cfg.precision, deterministic=True if on_cpu else "warn",
+        logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root),
+        callbacks=callbacks, fast_dev_run=fast_dev_run, log_every_n_steps=10,
+        **({} if validate else {"limit_val_batches": 0}))
+    with torch_threads(threads), warnings.catch_warnings():
+        if not validate:  # fast_dev_run overrides limit_val_batches: the empty val loader is on purpose
+            warnings.filterwarnings("ignore", message=r".*across ranks is zero.*")
+        trainer.fit(module, datamodule=dm)
+
+
 def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame | None = None,
                       *, fast_dev_run: bool | int = False, max_epochs: int | None = None,
                       progress_bar: bool = False, run_dir: str | Path | None = None,
-                      callbacks: list[Callback] | None = None) -> TrainedModel:
-    """Train on ``events`` (a store window) and return the best model by validation AUC.
+                      callbacks: list[Callback] | None = None, refit_full: bool | None = None) -> TrainedModel:
+    """Train on ``events`` (a store window): choose the epoch count on the validation part, then
+    (``refit_full``, default ``settings.retrain.refit_full``) refit on the whole window; see the module doc.
 
-    ``users`` is accepted for the contract but not used as model input: group attributes
-    are for fairness evaluation only (``settings.training.use_group_features`` is not
-    implemented and raises).
+    ``callbacks`` are added to both fits (the refit has no validation). ``users`` is accepted
+    for the contract but not used as model input: group attributes are for fairness evaluation
+    only (``settings.training.use_group_features`` is not implemented and raises).
     """
     cfg = settings.training
     if cfg.use_group_features:
         raise NotImplementedError("use_group_features=True is not supported: group attributes are evaluation-only")
     kind, _ = parse_mode(cfg.mode)
+    refit = bool(settings.retrain.refit_full if refit_full is None else refit_full)
+    lag = settings.feature_lag
     _quiet_lightning()
     t0 = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    dm = RecDataModule(events, catalog, cfg.history_len, cfg.val_fraction, cfg.batch_size, cfg.seed)
+    dm = RecDataModule(events, catalog, cfg.history_len, cfg.val_fraction, cfg.batch_size, cfg.seed, lag=lag)
     dm.setup("fit")
     t_feat = time.perf_counter()
 
     encoder_path = Path(cfg.encoder_path) if cfg.encoder_path else default_encoder_path()
     encoder = TextEncoder(encoder_path, cfg.max_text_tokens)
     texts = TextSource(encoder, cfg.mode, dm.items.texts, dm.query_texts)
+    # fine-tuning changes the encoder in place: keep its starting weights for the refit
+    initial_encoder = ({k: v.detach().clone() for k, v in encoder.model.state_dict().items()}
+                       if refit and texts.trains_encoder else None)
     t_enc = time.perf_counter()
 
-    net = TwoTowerWide(encoder.dim, cfg.embed_dim, len(dm.user_vocab), len(dm.item_vocab), len(WIDE_COLUMNS),
-                       cfg.id_embeddings, cfg.id_dropout)
-    net.set_wide_stats(dm.train_wide)
-    module = RecommenderModule(net, texts, dm.item_vocab_of_index, cfg.lr_heads, cfg.lr_encoder,
-                               cfg.weight_decay, cfg.warmup_steps)
-
+    module = _new_module(cfg, encoder, texts, dm)
+    selection_epochs = max_epochs or cfg.max_epochs
+    timings: dict[str, float] = {}
+    final_dm = dm
     with tempfile.TemporaryDirectory(prefix="recloop-train-") as tmp:
         root = Path(run_dir) if run_dir else Path(tmp)
         best = BestWeights(root / "best")
-        callbacks = [best, EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience), *(callbacks or [])]
-        on_cpu = cfg.accelerator == "cpu" or not torch.cuda.is_available()
-        # the frozen-mode step is many small ops: on a shared 2-core box one thread is several
-        # times faster than two spin-waiting ones (the encoder pass above used all cores)
-        threads = (cfg.fit_threads or (1 if kind == "frozen" else 0)) if on_cpu else 0
-        trainer = pl.Trainer(
-            max_epochs=max_epochs or cfg.max_epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-            strategy=cfg.strategy, precision=cfg.precision, deterministic=True if on_cpu else "warn",
-            logger=False, enable_checkpointing=False, enable_progress_bar=progress_bar,
-            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(root),
-            callbacks=callbacks, fast_dev_run=fast_dev_run, log_every_n_steps=10)
-        with torch_threads(threads):
-            trainer.fit(module, datamodule=dm)
-        if best.weights_path.is_file():
-            load_trainable_state(module, best.weights_path)
+        _fit(cfg, kind, module, dm,
+             [best, EarlyStopping(monitor="val_auc", mode="max", patience=cfg.patience), *(callbacks or [])],
+             root / "selection", selection_epochs, fast_dev_run, progress_bar)
         history = json.loads(best.history_path.read_text()) if best.history_path.is_file() else best.history
-    t_fit = time.perf_counter()
+        epochs_chosen, best_auc = _chosen_epochs(history)
+        t_fit = time.perf_counter()
+        timings.update(features=t_feat - t0, encode=t_enc - t_feat, fit=t_fit - t_enc)
+        if refit:
+            # from scratch on train + validation: new vocabularies, prior, wide statistics; same texts
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            final_dm = RecDataModule(events, catalog, cfg.history_len, 0.0, cfg.batch_size, cfg.seed, lag=lag)
+            final_dm.setup("fit")
+            if final_dm.items.texts != dm.items.texts or final_dm.query_texts != dm.query_texts:
+                raise RuntimeError("the refit's item / query index differs from the selection run's")
+            t_feat2 = time.perf_counter()
+            if initial_encoder is not None:
+                encoder.model.load_state_dict(initial_encoder)
+            module = _new_module(cfg, encoder, texts, final_dm)
+            final = FinalWeights(root / "refit", stop_after=epochs_chosen)
+            _fit(cfg, kind, module, final_dm, [final, *(callbacks or [])], root / "refit", selection_epochs,
+                 fast_dev_run, progress_bar, validate=False)
+            if final.weights_path.is_file():
+                load_trainable_state(module, final.weights_path)
+            timings.update(refit_features=t_feat2 - t_fit, refit=time.perf_counter() - t_feat2)
+        elif best.weights_path.is_file():
+            load_trainable_state(module, best.weights_path)
 
-    aucs = [h["val_auc"] for h in history if "val_auc" in h]
-    best_auc = max(aucs) if aucs else None
     module = module.cpu()
     net = module.net.cpu().eval()
     encoder.model.cpu().eval()
+    val = dm.val_events["timestamp"]
     config = model_config(
         encoder_name=str(getattr(encoder.model.config, "_name_or_path", "") or encoder_path.name),
         mode=cfg.mode, text_dim=encoder.dim, embed_dim=cfg.embed_dim,
-        user_vocab=sorted(dm.user_vocab, key=dm.user_vocab.get), item_vocab=sorted(dm.item_vocab, key=dm.item_vocab.get),
-        history_len=cfg.history_len, max_text_tokens=cfg.max_text_tokens, prior=dm.prior,
+        user_vocab=sorted(final_dm.user_vocab, key=final_dm.user_vocab.get),
+        item_vocab=sorted(final_dm.item_vocab, key=final_dm.item_vocab.get),
+        history_len=cfg.history_len, max_text_tokens=cfg.max_text_tokens, prior=final_dm.prior,
         id_embeddings=cfg.id_embeddings, id_dropout=cfg.id_dropout,
-        encoder_path=str(encoder_path), train_start=str(dm.train_start), train_end=str(dm.train_end),
-        val_start=str(dm.val_events["timestamp"].min()) if dm.n_val else None,
-        n_train=dm.n_train, n_val=dm.n_val, best_val_auc=best_auc, epochs=len(history), seed=cfg.seed,
-        precision=cfg.precision)
+        encoder_path=str(encoder_path),
+        # the data the model depends on: train_end = the newest event used (fit or epoch selection)
+        train_start=str(dm.window_start), train_end=str(dm.window_end), fit_end=str(final_dm.train_end),
+        val_start=str(val.min()) if dm.n_val else None, val_end=str(val.max()) if dm.n_val else None,
+        n_train=final_dm.n_train, n_val=dm.n_val, n_selection_train=dm.n_train,
+        best_val_auc=best_auc, epochs=len(history), epochs_chosen=epochs_chosen, refit_full=refit,
+        feature_lag_seconds=float(lag.total_seconds()), seed=cfg.seed, precision=cfg.precision)
     model = Recommender(net, encoder, config)
     if kind == "frozen":  # reuse the vectors computed for training: no second encoding pass
         model._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})
         if dm.query_texts:
             model._text_cache.update({t: v for t, v in zip(dm.query_texts, texts.query_vecs.cpu().numpy())})
-    return TrainedModel(model=model, history=history, seconds=time.perf_counter() - t0, n_train=dm.n_train,
-                        n_val=dm.n_val, best_val_auc=best_auc, train_start=dm.train_start, train_end=dm.train_end,
-                        timings={"features": t_feat - t0, "encode": t_enc - t_feat, "fit": t_fit - t_enc})
+    return TrainedModel(model=model, history=history, seconds=time.perf_counter() - t0, n_train=final_dm.n_train,
+                        n_val=dm.n_val, best_val_auc=best_auc, train_start=dm.window_start,
+                        train_end=dm.window_end, timings=timings, epochs_chosen=epochs_chosen, refit_full=refit,
+                        feature_lag=lag)

@@ -3,8 +3,9 @@
 For each policy, in its own workspace, batch by batch in time order:
 
 a. **test**: the current champion scores the batch *before* it is ingested (no
-   look-ahead), with user histories and item statistics from the freshest store
-   contents; AUC, NDCG@10, per-group AUC and cold-item AUC are recorded;
+   look-ahead), with user histories and item statistics from the store contents older
+   than each event's time minus ``settings.feature_lag`` (the label delay, as in
+   training); AUC, NDCG@10, per-group AUC and cold-item AUC are recorded;
 b. **ingest** the batch through the ingest flow (Great Expectations; bad batches are
    quarantined exactly as in production);
 c. **monitor** (drift policy): the monitor flow decides whether to retrain;
@@ -129,12 +130,15 @@ def _valid_rows(batch: pd.DataFrame, catalog_ids: set[str], end: pd.Timestamp) -
 
 
 def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.DataFrame, catalog, users,
-                k: int = 10, group_columns=("gender", "age_bucket")) -> dict:
+                k: int = 10, group_columns=("gender", "age_bucket"), lag=None) -> dict:
+    """The champion's metrics on ``batch``, each row scored point-in-time from ``history`` older than
+    its time minus ``lag`` (the label delay: ``settings.feature_lag``; None = the model's own)."""
     from models.evaluate import evaluate_scores
 
     scored = batch[["event_id", "user_id", "item_id", "label", "timestamp"]].copy()
-    scored["score"] = np.asarray(model.score(batch[["user_id", "item_id", "query", "timestamp"]], history, catalog),
-                                 dtype=float)
+    pairs = batch[["user_id", "item_id", "query", "timestamp"]]
+    raw = model.score(pairs, history, catalog) if lag is None else model.score(pairs, history, catalog, lag=lag)
+    scored["score"] = np.asarray(raw, dtype=float)
     train_items = set(model_config.get("item_vocab", []))
     popularity = history.groupby("item_id").size() if len(history) else pd.Series(dtype=float)
     ev = evaluate_scores(scored, users, train_items, popularity, k=k, group_columns=tuple(group_columns))
@@ -206,7 +210,8 @@ class PolicyRun:
                 if len(rows) and rows["label"].nunique() == 2:
                     rec.update(score_batch(model, config, rows, store.read(), self.source.catalog,
                                            self.source.users, k=self.settings.gates.k,
-                                           group_columns=self.settings.gates.group_columns))
+                                           group_columns=self.settings.gates.group_columns,
+                                           lag=self.settings.feature_lag))
                 rec["champion_version"] = version
             rec["score_s"] = round(time.perf_counter() - t0, 2)
             # b. ingest through the production flow

@@ -58,6 +58,7 @@ def test_make_tiny_encoder_is_a_loadable_bert(tiny_encoder):
 def test_fast_dev_run_on_tiny_bert(tiny_settings, world):
     out = _train(tiny_settings, world, fast_dev_run=True)
     assert out.n_train > 0 and out.n_val > 0
+    assert out.refit_full and out.epochs_chosen == 1 and out.n_train == len(world.events)  # the refit ran too
     scores = out.model.score(world.events.head(50), world.events, world.catalog)
     assert scores.shape == (50,) and np.all((scores > 0) & (scores < 1))
 
@@ -187,3 +188,116 @@ def test_bad_inputs_fail_clearly(tiny_settings, world):
     tiny_settings.training.mode = "half"
     with pytest.raises(ValueError, match="unknown training mode"):
         train_recommender(tiny_settings, world.events, world.catalog, None)
+
+
+# ----------------------------------------------------------------------------- label delay and refit
+
+
+def test_chosen_epochs_is_the_first_best_epoch():
+    from models.train import _chosen_epochs
+
+    hist = [{"epoch": 0, "val_auc": 0.6}, {"epoch": 1, "val_auc": 0.7}, {"epoch": 2, "val_auc": 0.7},
+            {"epoch": 3, "val_auc": 0.65}]
+    assert _chosen_epochs(hist) == (2, 0.7)
+    assert _chosen_epochs([{"epoch": 0, "train_loss": 0.5}]) == (1, None)
+    assert _chosen_epochs([]) == (1, None)
+
+
+def test_datamodule_features_use_the_lag(world):
+    from models.data import RecDataModule
+    from models.features import point_in_time_features
+
+    ev = world.events.iloc[:1500]
+    lag = pd.Timedelta(hours=2)
+    dm = RecDataModule(ev, world.catalog, 5, 0.2, 64, lag=lag)
+    dm.setup()
+    want = point_in_time_features(dm.train_events, dm.events, world.catalog, dm.items.position, 5, dm.prior, lag=lag)
+    np.testing.assert_array_equal(dm.tensors["train"]["wide"].numpy(), want.wide)
+    np.testing.assert_array_equal(dm.tensors["train"]["hist"].numpy(), want.history_items)
+    plain = RecDataModule(ev, world.catalog, 5, 0.2, 64)
+    plain.setup()
+    assert not np.array_equal(plain.tensors["train"]["wide"].numpy(), want.wide)
+    full = RecDataModule(ev, world.catalog, 5, 0.0, 64, lag=lag)  # the refit: no validation part
+    full.setup()
+    assert full.n_train == len(ev) and full.n_val == 0 and full.val_dataloader() == []
+    assert full.train_end == ev["timestamp"].max() and dm.train_end < full.train_end
+
+
+def _late_world(world):
+    """The world plus a user and an item that only appear in the validation part (the last hours)."""
+    ev = world.events
+    end = ev["timestamp"].max()
+    items = ev["item_id"].drop_duplicates().head(6).tolist()
+    late = pd.DataFrame({
+        "event_id": [f"late-{k}" for k in range(12)],
+        "user_id": ["late-user"] * 6 + ev["user_id"].drop_duplicates().head(6).tolist(),
+        "item_id": items + ["late-item"] * 6, "label": [1, 0] * 6,
+        "timestamp": [end - pd.Timedelta(minutes=30 * k) for k in range(12)], "query": None})
+    events = pd.concat([ev, late], ignore_index=True)
+    cat = pd.concat([world.catalog, pd.DataFrame({
+        "item_id": ["late-item"], "title": ["Late Arrival"], "description": ["new this week"],
+        "category": [world.catalog["category"].iloc[0]], "created_at": [end - pd.Timedelta(days=1)]})],
+        ignore_index=True)
+    return events, cat
+
+
+class _EpochCounter(Callback):
+    def __init__(self):
+        self.per_fit: list[int] = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.per_fit.append(0)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.per_fit[-1] += 1
+
+
+def test_refit_trains_on_validation_events_for_the_chosen_epochs(tiny_settings, world, monkeypatch):
+    from models.network import TextEncoder
+    from models.train import train_recommender
+
+    events, cat = _late_world(world)
+    tiny_settings.training.max_epochs = 3
+    tiny_settings.training.patience = 5
+    calls = []
+    encode = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, *a, **kw: calls.append(len(a[0])) or encode(self, *a, **kw))
+    counter = _EpochCounter()
+    out = train_recommender(tiny_settings, events, cat, world.users, callbacks=[counter])
+    cfg = out.model.config
+    # the epoch count comes from the selection run: its best epoch by val AUC
+    aucs = [h["val_auc"] for h in out.history]
+    assert len(out.history) == 3 and out.epochs_chosen == cfg["epochs_chosen"] == int(np.argmax(aucs)) + 1
+    assert counter.per_fit == [3, out.epochs_chosen]
+    assert out.best_val_auc == cfg["best_val_auc"] == max(aucs)
+    # the refit knows what only the validation part holds and was fit up to the newest event
+    assert cfg["refit_full"] is True and out.refit_full
+    assert "late-user" in cfg["user_vocab"] and "late-item" in cfg["item_vocab"]
+    newest = str(pd.to_datetime(events["timestamp"], utc=True).max())
+    assert cfg["train_end"] == cfg["fit_end"] == newest and str(out.train_end) == newest
+    assert cfg["n_train"] == out.n_train == len(events) and cfg["n_selection_train"] + cfg["n_val"] == len(events)
+    assert cfg["val_start"] and cfg["val_end"] == newest
+    assert cfg["prior"] == pytest.approx(float(events["label"].mean()))
+    assert cfg["feature_lag_seconds"] == 600.0 and out.feature_lag == pd.Timedelta(minutes=10)
+    assert {"fit", "refit", "refit_features"} <= set(out.timings)
+    # frozen mode: one encoding pass (items + queries) shared by both fits, none when scoring the catalog
+    n_calls = len(calls)
+    assert n_calls == 2
+    s = out.model.score(events.tail(50), events, cat)
+    assert np.all(np.isfinite(s)) and len(calls) == n_calls
+
+
+def test_without_refit_the_selection_model_is_returned(tiny_settings, world):
+    from models.train import train_recommender
+
+    events, cat = _late_world(world)
+    tiny_settings.retrain.refit_full = False
+    tiny_settings.feature_lag_seconds = 0
+    out = train_recommender(tiny_settings, events, cat, world.users)
+    cfg = out.model.config
+    assert cfg["refit_full"] is False and "refit" not in out.timings
+    assert "late-user" not in cfg["user_vocab"] and "late-item" not in cfg["item_vocab"]
+    assert cfg["fit_end"] < cfg["train_end"] and cfg["n_train"] == cfg["n_selection_train"] < len(events)
+    assert cfg["feature_lag_seconds"] == 0.0 and out.model.feature_lag == pd.Timedelta(0)
+    assert cfg["epochs_chosen"] == int(np.argmax([h["val_auc"] for h in out.history])) + 1
+
