@@ -25,26 +25,38 @@ and returns a plain number or a small table. Degenerate cases are explicit:
 * Per-group AUC: a group with events but a single class has ``NaN`` AUC and makes
   the group gap ``NaN`` (fail closed); groups listed in ``users`` but absent from
   the evaluation events are reported with ``n = 0`` and are not part of the gap.
-  Events whose user has no value for the column fall in the group ``"<missing>"``.
+  Events whose user has no value for the column fall in the group ``"<missing>"``,
+  which is reported but left out of the gap unless ``include_missing_group``.
+  :func:`evaluate_scores` keeps each event's group value in ``Evaluation.scored``
+  (column ``group:<col>``) so the gates can put a bootstrap interval on the gap.
 * Cold-item AUC is over events whose item was never seen in training; ``NaN`` when
   there are none (reason ``"no cold items"``).
 * Long-tail exposure: the head is the top 20 % of items by training popularity
   (ties broken by item id); everything else, including items never seen in
   training, is the tail. For each user the top-k of their evaluation events by
   score are the "slots"; exposure is the tail share of the slots, averaged over users.
+* **Ranking scope.** Over each user's *logged* evaluation events (what
+  :func:`evaluate_scores` computes, ``Evaluation.ranking_scope = "logged_events"``),
+  NDCG@k, Recall@k and tail exposure only reorder items the user was already shown,
+  so they hardly depend on the model and cannot fail a gate. The pipeline replaces them
+  with metrics of a top-k over the whole catalog, as served, and sets
+  ``ranking_scope = "catalog"``; the gates judge ranking only in that scope.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 REQUIRED = ("user_id", "item_id", "label", "score")
 MISSING_GROUP = "<missing>"
+GROUP_PREFIX = "group:"  # Evaluation.scored keeps the group value of each event in column "group:<col>"
+RANKING_SCOPES = ("logged_events", "catalog")
 HEAD_SHARE = 0.2
 
 
@@ -162,6 +174,11 @@ def recall_at_k(df: pd.DataFrame, k: int = 10) -> float:
 
 
 # --------------------------------------------------------------------------- groups
+def group_column(column: str) -> str:
+    """Name of the column of ``Evaluation.scored`` that holds each event's value of ``column``."""
+    return f"{GROUP_PREFIX}{column}"
+
+
 def _group_values(df: pd.DataFrame, users: pd.DataFrame, column: str) -> pd.Series:
     if "user_id" not in users.columns:
         raise ValueError("users table lacks column 'user_id'")
@@ -203,13 +220,16 @@ def per_group_auc(df: pd.DataFrame, users: pd.DataFrame, column: str) -> pd.Data
     return out.sort_values("group", kind="mergesort").reset_index(drop=True)
 
 
-def group_auc_gap(table: pd.DataFrame, min_events: int = 1) -> tuple[float, str | None]:
+def group_auc_gap(table: pd.DataFrame, min_events: int = 1, include_missing: bool = True) -> tuple[float, str | None]:
     """Largest minus smallest group AUC among groups with at least ``min_events`` events.
 
     Returns ``(gap, reason)``: the gap is ``NaN`` (fail closed) when a measured group
     has an undefined AUC, or when fewer than two groups are measured (reason says which).
+    ``include_missing = False`` leaves the ``"<missing>"`` group out.
     """
     measured = table[table["n"] >= max(1, int(min_events))]
+    if not include_missing:
+        measured = measured[measured["group"].astype(str) != MISSING_GROUP]
     if len(measured) < 2:
         return float("nan"), f"fewer than two groups with ≥ {max(1, int(min_events))} event(s) ({len(measured)})"
     undefined = measured[measured["auc"].isna()]
@@ -296,7 +316,15 @@ class Evaluation:
     per_group_n: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)  # metric -> why it is NaN / skipped
     model_version: str | None = None  # which registered version was scored (set by the caller)
+    # "logged_events": ndcg/recall/tail rank each user's logged eval events (cannot fail a gate);
+    # "catalog": the pipeline replaced them with a top-k over the whole catalog, as served
+    ranking_scope: str = "logged_events"
+    # event_id, user_id, item_id, label, score and group:<col> per configured group column
     scored: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_negative(self) -> int:
+        return int(self.n_events) - int(self.n_positive)
 
     @property
     def max_group_auc_gap(self) -> float:
@@ -313,7 +341,7 @@ class Evaluation:
         return _clean(d)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Evaluation":
+    def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
         """Inverse of :meth:`to_dict` (None → NaN); ``scored`` is not restored."""
         nan = float("nan")
 
@@ -329,6 +357,7 @@ class Evaluation:
             n_positive=int(d.get("n_positive", 0)), n_cold_events=int(d.get("n_cold_events", 0)),
             per_group_n={c: {g: int(v) for g, v in m.items()} for c, m in (d.get("per_group_n") or {}).items()},
             reasons=dict(d.get("reasons") or {}), model_version=d.get("model_version"),
+            ranking_scope=str(d.get("ranking_scope") or "logged_events"),
         )
 
 
@@ -340,6 +369,7 @@ def evaluate_scores(
     k: int = 10,
     group_columns: Iterable[str] = ("gender", "age_bucket"),
     min_group_events: int = 1,
+    include_missing_group: bool = False,
 ) -> Evaluation:
     """All metrics for one model's scores on one evaluation set.
 
@@ -348,6 +378,11 @@ def evaluate_scores(
     pair two models' scores event by event). ``users``: the users table with the group
     columns (a column it lacks is skipped and noted in ``reasons``). ``train_items``:
     items seen in training (for cold-item AUC). ``popularity``: item → training popularity.
+    ``min_group_events`` / ``include_missing_group``: which groups the reported point gap
+    ``group_auc_gap`` spans (the gates recompute the gap, with an interval, from ``scored``).
+
+    Ranking metrics here rank each user's logged events (``ranking_scope =
+    "logged_events"``); the caller may overwrite them with catalog metrics.
     """
     _check_scored(scored)
     k = _check_k(k)
@@ -367,14 +402,16 @@ def evaluate_scores(
     per_group_n: dict[str, dict[str, int]] = {}
     gaps: dict[str, float] = {}
     users = users if users is not None else pd.DataFrame({"user_id": []})
+    group_vals: dict[str, pd.Series] = {}
     for col in group_columns:
         if col not in users.columns:
             reasons[f"group:{col}"] = f"users table has no column {col!r}; fairness by {col} not measured"
             continue
         table = per_group_auc(scored, users, col)
+        group_vals[group_column(col)] = _group_values(scored, users, col)
         per_group[col] = dict(zip(table["group"], table["auc"].astype(float)))
         per_group_n[col] = dict(zip(table["group"], table["n"].astype(int)))
-        gap, why = group_auc_gap(table, min_group_events)
+        gap, why = group_auc_gap(table, min_group_events, include_missing=include_missing_group)
         gaps[col] = gap
         if why:
             reasons[f"group_auc_gap:{col}"] = why
@@ -393,9 +430,10 @@ def evaluate_scores(
         reasons["tail_exposure"] = "no evaluation events"
 
     keep = [c for c in ("event_id", "user_id", "item_id", "label", "score") if c in scored.columns]
+    kept = scored[keep].assign(**group_vals).reset_index(drop=True)
     return Evaluation(
         auc=g_auc, ndcg_at_k=ndcg, recall_at_k=rec, per_group_auc=per_group, group_auc_gap=gaps,
         cold_item_auc=cold, tail_exposure=tail, n_events=int(len(scored)),
         n_users=int(scored["user_id"].nunique()), k=k, n_positive=int(y.sum()), n_cold_events=n_cold,
-        per_group_n=per_group_n, reasons=reasons, scored=scored[keep].reset_index(drop=True).copy(),
+        per_group_n=per_group_n, reasons=reasons, scored=kept,
     )

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class CheckSettings(BaseModel):
@@ -22,10 +25,15 @@ class CheckSettings(BaseModel):
 
     max_invalid_row_share: float = 0.05  # above this share of bad rows the whole batch is quarantined
     future_tolerance_s: int = 300  # timestamps up to 5 min in the future are accepted (clock skew)
-    retention_days: int = 3650  # events older than this are rejected
+    retention_days: int = 3650  # events this much older than the newest event are rejected (retention_clock)
+    # what "now" means for retention: "data" = the newest event stored or in the batch (capped at the
+    # wall clock), so historical backfills pass; "wall" = today. Future timestamps always use the wall clock.
+    retention_clock: Literal["data", "wall"] = "data"
     max_query_chars: int = 512
     like_rate_bounds: tuple[float, float] = (0.01, 0.95)  # a batch of 100 % likes is suspicious
-    max_events_per_user: int = 500  # per batch: click-spam guard
+    # per batch: click-spam guard. Only a user's events beyond the cap are split off (they don't count
+    # toward max_invalid_row_share). Real sign-up bursts stay below it (MovieLens-100k: 737 in 90 min).
+    max_events_per_user: int = 1000
     min_batch_rows_for_rate_check: int = 50
     data_docs: bool = True  # render GX Data Docs (HTML) into reports/data_docs/ on every validation
     max_title_chars: int = 300  # catalog suite: title length bound
@@ -68,31 +76,47 @@ class RetrainSettings(BaseModel):
     max_eval_fraction: float = 0.3
     window_days: float | None = None  # train on the newest N days only (None: everything stored)
     min_train_events: int = 500
+    refit_full: bool = True  # after choosing the epoch count on validation, refit on train + validation
 
 
 class GateSettings(BaseModel):
-    """Promotion gates (see models/gates.py)."""
+    """Promotion gates (see models/gates.py and the README's gates section).
 
+    Every comparison is paired on the same evaluation events and decided on a bootstrap
+    interval that resamples *users* (one user's events are correlated), never on a point
+    estimate alone.
+    """
+
+    # evidence: below these the decision is "insufficient evidence" (reject, champion untouched)
+    min_eval_events: int = 1000
+    min_eval_positives: int = 100
+    min_eval_negatives: int = 100
+    # absolute floors
     min_auc: float = 0.60
-    min_ndcg: float = 0.05
-    max_auc_drop: float = 0.01  # non-inferiority margin vs the champion
+    min_ndcg: float = 0.05  # catalog NDCG@k (top-k over the whole catalog, as served)
+    min_tail_exposure: float = 0.05  # catalog long-tail share of top-k slots; absolute, no ratchet
+    k: int = 10
+    catalog_eval_users: int = 2000  # eval users sampled for the catalog ranking metrics (0 = all)
+    # the champion: non-inferiority (or superiority) on the paired AUC delta
+    max_auc_drop: float = 0.02  # non-inferiority margin = the smallest AUC drop to catch (bench_gate_power)
     rule: Literal["non_inferior", "superior"] = "non_inferior"
     min_improvement: float = 0.0  # used when rule == "superior"
+    decide_on: Literal["point", "ci_lower"] = "ci_lower"  # champion rule on the CI lower bound (default) or point
+    # baselines (statistics-only logistic regression, fresh popularity, MF) on the same events
+    require_baseline: bool = True  # no baseline evaluation given -> beats_baselines fails closed
+    baseline_margin: float = 0.0  # lower CI bound of AUC(candidate) - AUC(strongest baseline) must exceed this
+    # bootstrap
     bootstrap_samples: int = 500
-    max_group_auc_gap: float = 0.10
-    max_gap_increase: float = 0.03
-    min_tail_exposure: float = 0.05
-    max_tail_exposure_drop: float = 0.05
-    group_columns: list[str] = Field(default_factory=lambda: ["gender", "age_bucket"])
-    k: int = 10
-    require_baseline: bool = True  # no popularity-baseline AUC given -> that rule fails closed
-    baseline_margin: float = 0.0  # the candidate must beat the popularity baseline's AUC by more than this
-    decide_on: Literal["point", "ci_lower"] = "point"  # champion rule on the paired AUC delta or its CI lower bound
-    bootstrap_unit: Literal["event", "user"] = "event"  # what the paired bootstrap resamples
+    bootstrap_unit: Literal["event", "user"] = "user"  # what the paired bootstrap resamples
     bootstrap_seed: int = 0
     confidence: float = 0.95
     min_paired_share: float = 0.95  # share of candidate eval events the champion must also have scored
-    min_group_events: int = 1  # groups with fewer eval events are reported but left out of the AUC gap
+    # fairness: per-group AUC gap, judged on its interval
+    group_columns: list[str] = Field(default_factory=lambda: ["gender", "age_bucket"])
+    max_group_auc_gap: float = 0.10  # reject when the gap's CI lower bound exceeds this
+    max_gap_increase: float = 0.03  # reject when the CI lower bound of (candidate gap - champion gap) exceeds this
+    min_group_events: int = 200  # smaller groups are reported, not gated
+    include_missing_group: bool = False  # users without the attribute form a "<missing>" group in the gap
 
 
 class MonitorSettings(BaseModel):
@@ -184,6 +208,10 @@ class Settings(BaseSettings):
     batch_period_days: int = 1
     ingest_cron: str = "*/10 * * * *"  # the ingest deployment's schedule
     monitor_cron: str = "0 * * * *"  # the monitor deployment's schedule
+    # label delay: a label reaches the store only after ingest, so features at time t may only
+    # use events older than t - feature_lag (training, evaluation, replay, monitoring alike).
+    # None = the ingest cadence (the period of ingest_cron); 0 = no lag.
+    feature_lag_seconds: float | None = None
 
     checks: CheckSettings = Field(default_factory=CheckSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -245,6 +273,15 @@ class Settings(BaseSettings):
     def artifact_root(self) -> str:
         return self.mlflow_artifact_root or str(self.root / "mlartifacts")
 
+    @property
+    def feature_lag(self) -> "pd.Timedelta":
+        """The label delay features must respect (``feature_lag_seconds``, else the ingest cadence)."""
+        import pandas as pd
+
+        if self.feature_lag_seconds is not None:
+            return pd.Timedelta(seconds=float(self.feature_lag_seconds))
+        return pd.Timedelta(seconds=cron_period_seconds(self.ingest_cron))
+
     def ensure_dirs(self) -> "Settings":
         for d in (
             self.landing_dir,
@@ -269,6 +306,17 @@ class Settings(BaseSettings):
         if self.prefect_api_url:
             env["PREFECT_API_URL"] = self.prefect_api_url
         return env
+
+
+def cron_period_seconds(expr: str) -> float:
+    """Seconds between two consecutive fire times of a cron expression (the largest of a few gaps)."""
+    from datetime import datetime, timezone
+
+    from cronsim import CronSim
+
+    it = CronSim(expr, datetime(2026, 1, 5, tzinfo=timezone.utc))
+    times = [next(it) for _ in range(6)]
+    return max((b - a).total_seconds() for a, b in zip(times, times[1:]))
 
 
 def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Settings:

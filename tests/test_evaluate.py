@@ -146,6 +146,9 @@ def test_group_gap_min_events_and_single_group():
     assert group_auc_gap(t, min_events=10) == (pytest.approx(0.1), None)
     gap, why = group_auc_gap(t.iloc[:1])
     assert math.isnan(gap) and "fewer than two groups" in why
+    missing = t.assign(group=["a", "b", "<missing>"])
+    assert math.isnan(group_auc_gap(missing)[0])
+    assert group_auc_gap(missing, include_missing=False) == (pytest.approx(0.1), None)
 
 
 def test_cold_item_auc():
@@ -187,11 +190,27 @@ def test_evaluate_scores_end_to_end_and_json(ranking):
     assert "age_bucket" not in ev.per_group_auc and "group:age_bucket" in ev.reasons
     assert ev.n_events == 8 and ev.n_users == 3 and ev.n_positive == 3 and ev.n_cold_events == 5
     assert list(ev.scored["event_id"]) == list(scored["event_id"])
+    assert list(ev.scored["group:gender"]) == ["f"] * 4 + ["m"] * 4  # kept for the gates' resampling
+    assert "group:age_bucket" not in ev.scored.columns and ev.ranking_scope == "logged_events"
     d = ev.to_dict()
-    assert "scored" not in d
+    assert "scored" not in d and d["ranking_scope"] == "logged_events"
     json.dumps(d, allow_nan=False)  # JSON-safe
     back = Evaluation.from_dict(d)
     assert back.auc == pytest.approx(ev.auc) and back.per_group_n == ev.per_group_n
+    ev.ranking_scope = "catalog"
+    assert Evaluation.from_dict(ev.to_dict()).ranking_scope == "catalog"
+    assert Evaluation.from_dict(ev.to_dict()).to_dict() == ev.to_dict()  # round trip
+
+
+def test_evaluate_scores_missing_group_left_out_of_the_gap(ranking):
+    users = pd.DataFrame({"user_id": ["u1", "u2"], "gender": ["f", "m"]})  # u3 has no attribute
+    ev = evaluate_scores(ranking, users, train_items=[], popularity={}, k=2, group_columns=("gender",))
+    assert list(ev.scored["group:gender"]) == ["f"] * 4 + ["m"] * 2 + ["<missing>"] * 2
+    assert ev.per_group_n["gender"]["<missing>"] == 2  # reported
+    assert ev.group_auc_gap["gender"] == pytest.approx(0.75 - 0.0)  # f 0.75, m 0 (e- above f+); <missing> out
+    ev2 = evaluate_scores(ranking, users, train_items=[], popularity={}, k=2, group_columns=("gender",),
+                          include_missing_group=True)
+    assert math.isnan(ev2.group_auc_gap["gender"]) and "<missing>: one class" in ev2.reasons["group_auc_gap:gender"]
 
 
 def test_evaluate_scores_degenerate_all_negative():
