@@ -35,7 +35,13 @@ import pandas as pd
 from filelock import FileLock
 
 from data_checks.readers import BatchReadError, read_batch
-from data_checks.validate import ValidationOutcome, clean_rows, prepare_feedback_frame, validate_frame
+from data_checks.validate import (
+    ValidationOutcome,
+    clean_rows,
+    newest_stored_timestamp,
+    prepare_feedback_frame,
+    validate_frame,
+)
 from recloop.store import FeedbackStore, atomic_write_json, atomic_write_parquet, file_sha256
 
 STATUS_BY_DECISION = {"pass": "ingested", "split": "partial", "quarantine": "quarantined"}
@@ -174,7 +180,8 @@ def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str
                                            reason_counts={"read": 1})
         else:
             v = prepare_feedback_frame(df, store.event_ids(), store.catalog()["item_id"].astype(str).to_numpy())
-            validation = validate_frame(v, settings, now=now, run_name=batch_id)
+            validation = validate_frame(v, settings, now=now, run_name=batch_id,
+                                        store_newest=newest_stored_timestamp(store))
         bad = np.flatnonzero(~validation.good_mask) if validation.decision == "split" else np.array([], int)
         _save_state(settings, sha, {
             "stage": "validated", "batch_id": batch_id, "source": path.name, "validation": validation.to_dict(),

@@ -13,6 +13,7 @@ Each expectation carries ``meta``:
 * ``severity``: ``critical`` (fails → the whole batch is quarantined), ``batch``
   (a statistical check on the whole batch: fails → whole batch quarantined) or
   ``row`` (the failing rows can be split off, see the policy in ``validate.py``);
+  rows over the per-user cap are always split off (``SPLIT_ONLY_RULES``);
 * ``guards``: one line on what the expectation protects against (also in ``notes``,
   which the Data Docs render).
 
@@ -40,13 +41,17 @@ HELPER_COLUMNS: tuple[str, ...] = (
     "_event_id_repeat",  # a 2nd, 3rd, ... occurrence of an event_id inside this batch
     "_event_id_in_store",  # the event_id is already in the feedback store
     "_item_in_catalog",  # item_id is a catalog item (NA when item_id is null)
-    "_user_events_in_batch",  # how many events this batch has for the row's user
+    "_user_event_rank",  # the row's place among its user's events in this batch, in time order (1, 2, ...)
+    "_label_within_cap",  # _label_num, NaN for rows beyond the per-user cap (the like-rate ignores them)
 )
 
 STRING_TYPES = ["object", "str", "string", "StringDtype"]
 LABEL_TYPES = ["int8", "int16", "int32", "int64", "uint8", "float32", "float64", "bool"]
 
 CRITICAL, BATCH, ROW = "critical", "batch", "row"
+# Row rules whose failing rows are split off without counting toward max_invalid_row_share:
+# they say something about one user, not about the delivery.
+SPLIT_ONLY_RULES: tuple[str, ...] = ("user_over_event_cap",)
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,10 @@ def feedback_expectations() -> list:
         # --- batch-level statistics ---------------------------------------------------------------
         # Guards against a broken or gamed producer: a batch of 100 % likes (or none) is suspicious.
         # Bounds are widened to [0, 1] for batches smaller than min_batch_rows_for_rate_check.
+        # Rows a user sends beyond the per-user cap are left out of the rate: one user's burst of
+        # likes must not quarantine everyone else's rows (the excess is split off on its own below).
         _e(gxe.ExpectColumnMeanToBeBetween, "like_rate", BATCH,
-           "share of positive labels within plausible bounds", column="_label_num",
+           "share of positive labels within plausible bounds", column="_label_within_cap",
            min_value=P("like_rate_min"), max_value=P("like_rate_max")),
         # --- row-level: can be split off ------------------------------------------------------------
         # Guards the idempotency key: an event without an id cannot be deduplicated.
@@ -130,19 +137,25 @@ def feedback_expectations() -> list:
            "label equals the label its event_type implies", column_A="_label_num",
            column_B="_label_expected", ignore_row_if="either_value_is_missing"),
         # Guards against clock skew / forged times: events from the future leak into training windows.
+        # Always judged against the wall clock.
         _e(gxe.ExpectColumnValuesToBeBetween, "timestamp_in_future", ROW,
-           "timestamp not later than now + future_tolerance_s", column="_timestamp_utc",
+           "timestamp at most future_tolerance_s after the wall clock", column="_timestamp_utc",
            max_value=P("newest_allowed")),
-        # Guards against stale replays older than the retention window.
+        # Guards against stale replays: an event far older than the rest of the data. Judged against
+        # the data's own clock (the newest event stored or in the batch, never later than now), so a
+        # historical backfill is not rejected for being historical (settings.checks.retention_clock).
         _e(gxe.ExpectColumnValuesToBeBetween, "timestamp_too_old", ROW,
-           "timestamp not older than retention_days", column="_timestamp_utc", min_value=P("oldest_allowed")),
+           "timestamp at most retention_days before the newest event (stored or in this batch)",
+           column="_timestamp_utc", min_value=P("oldest_allowed")),
         # Guards the text model and storage against oversized queries (and injected payloads).
         _e(gxe.ExpectColumnValueLengthsToBeBetween, "query_too_long", ROW,
            "query at most max_query_chars characters", column="query", max_value=P("max_query_chars")),
-        # Guards against click spam: one user's burst dominating a batch.
+        # Guards against click spam: one user's burst dominating a batch. Only the user's events
+        # beyond the first max_events_per_user (in time order) fail; they are split off without
+        # counting toward max_invalid_row_share, so a burst never takes other users' rows with it.
         _e(gxe.ExpectColumnValuesToBeBetween, "user_over_event_cap", ROW,
-           "a user has at most max_events_per_user events per batch", column="_user_events_in_batch",
-           max_value=P("max_events_per_user")),
+           "a user's events in a batch beyond the first max_events_per_user (in time order) are held back",
+           column="_user_event_rank", max_value=P("max_events_per_user")),
     ]
     return exps
 

@@ -8,10 +8,21 @@ Policy (knobs in ``settings.checks``):
   batch is quarantined: a statistical anomaly cannot be pinned on single rows;
 * **row-level** expectations fail (null ids, unknown items, unknown event types,
   labels not in {0,1} or contradicting the event type, future or too-old
-  timestamps, over-long queries, repeated event ids, ids already stored, users over
-  ``max_events_per_user``) → if the share of failing rows is at most
-  ``max_invalid_row_share`` the batch is **split** (valid rows ingested, failing
-  rows quarantined with a per-row reason), otherwise the whole batch is quarantined.
+  timestamps, over-long queries, repeated event ids, ids already stored) → if the share
+  of failing rows is at most ``max_invalid_row_share`` the batch is **split** (valid
+  rows ingested, failing rows quarantined with a per-row reason), otherwise the whole
+  batch is quarantined;
+* a user's events **beyond** ``max_events_per_user`` in the batch (in time order) are
+  always split off with the reason ``user_over_event_cap`` and do not count toward
+  ``max_invalid_row_share`` (nor toward the like-rate): one user's burst never takes
+  other users' rows with it.
+
+Time: future timestamps are judged against the wall clock; retention (``timestamp_too_old``)
+against the *data's own clock* (``settings.checks.retention_clock = "data"``, the default):
+the newest event already stored or in the batch, never later than the wall clock. A
+historical backfill (MovieLens 1997-98) is therefore not "too old" for being historical,
+while a stale event far older than the rest of the data still is; ``"wall"`` restores
+judging against today.
 
 The failing rows are exactly GX's ``unexpected_index_list`` of each row-level
 expectation: the per-row reasons are GX's verdict, not a second implementation.
@@ -26,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_checks.suites import BATCH, CATALOG_SUITE, CRITICAL, FEEDBACK_SUITE, ROW, rule_of
+from data_checks.suites import BATCH, CATALOG_SUITE, CRITICAL, FEEDBACK_SUITE, ROW, SPLIT_ONLY_RULES, rule_of
 from recloop.schema import FEEDBACK_COLUMNS, FEEDBACK_OPTIONAL, LABEL_BY_EVENT
 
 ZONE_PATTERN = r"(?:Z|[+-]\d{2}:?\d{2})\s*$"
@@ -151,16 +162,75 @@ def prepare_feedback_frame(df: pd.DataFrame, stored_ids, catalog_ids) -> pd.Data
     v["_event_id_in_store"] = event_id.isin(ids) if ids else pd.Series(False, index=v.index)
     item = col("item_id")
     v["_item_in_catalog"] = item.isin(catalog_ids).astype("object").where(item.notna())
-    user = col("user_id")
-    codes, _ = pd.factorize(user)  # vectorised group sizes (value_counts on strings is ~10x slower)
-    sizes = np.bincount(codes[codes >= 0], minlength=1).astype("float64")
-    v["_user_events_in_batch"] = np.where(codes >= 0, sizes[np.maximum(codes, 0)], np.nan)
+    v["_user_event_rank"] = user_event_rank(col("user_id"), ts)
+    v["_label_within_cap"] = v["_label_num"]  # validate_frame blanks the rows beyond the cap
     return v.copy()  # one consolidated block per dtype: GX slices columns many times, fragmented frames copy
 
 
-def suite_parameters(settings, n_rows: int, now: pd.Timestamp | None = None) -> dict:
+def user_event_rank(user: pd.Series, ts: pd.Series) -> np.ndarray:
+    """Each row's place (1, 2, ...) among its user's rows, in time order (ties: row order); NaN without a user.
+
+    Vectorised (a stable lexsort on factorised users, value_counts on strings is ~10x slower).
+    """
+    n = len(user)
+    codes, _ = pd.factorize(user)
+    if n == 0:
+        return np.zeros(0, dtype="float64")
+    t = ts.to_numpy(dtype="datetime64[ns]").view("int64")  # NaT sorts first; such rows are critical anyway
+    order = np.lexsort((t, codes))  # stable: equal times keep row order
+    sorted_codes = codes[order]
+    pos = np.arange(n)
+    starts = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+    rank_sorted = pos - np.maximum.accumulate(np.where(starts, pos, 0)) + 1
+    rank = np.empty(n, dtype="float64")
+    rank[order] = rank_sorted
+    rank[codes < 0] = np.nan
+    return rank
+
+
+def newest_stored_timestamp(store) -> pd.Timestamp | None:
+    """The newest event time in the store, reading only its newest day partition(s)."""
+    if store is None or not store.events_dir.exists():
+        return None
+    days = sorted(p.name.split("=", 1)[1] for p in store.events_dir.glob("date=*") if p.is_dir())
+    for day in reversed(days):
+        ts = store.read(start=pd.Timestamp(day, tz="UTC"), columns=["timestamp"])["timestamp"]
+        if len(ts):
+            return pd.Timestamp(ts.max())
+    return None
+
+
+def retention_reference(settings, ts: pd.Series | None, now: pd.Timestamp,
+                        store_newest: pd.Timestamp | None = None) -> pd.Timestamp:
+    """The instant retention is measured back from (see the module docstring).
+
+    ``"data"``: the newest of (the store's newest event, the batch's newest parseable timestamp that
+    is not in the future), capped at ``now``; ``now`` when there is neither. ``"wall"``: ``now``.
+    """
+    if settings.checks.retention_clock == "wall":
+        return now
+    newest_allowed = now + pd.Timedelta(seconds=settings.checks.future_tolerance_s)
+    candidates = []
+    if ts is not None and len(ts):
+        ok = ts[ts.notna() & (ts <= newest_allowed)]
+        if len(ok):
+            candidates.append(pd.Timestamp(ok.max()))
+    if store_newest is not None and not pd.isna(store_newest):
+        candidates.append(pd.Timestamp(store_newest))
+    return min(max(candidates), now) if candidates else now
+
+
+def _utc(t) -> pd.Timestamp:
+    t = pd.Timestamp(t)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def suite_parameters(settings, n_rows: int, now: pd.Timestamp | None = None,
+                     retention_from: pd.Timestamp | None = None) -> dict:
+    """Suite parameters; ``retention_from`` is the retention reference (default: ``now``)."""
     c = settings.checks
-    now = pd.Timestamp.now(tz="UTC") if now is None else pd.Timestamp(now)
+    now = pd.Timestamp.now(tz="UTC") if now is None else _utc(now)
+    retention_from = now if retention_from is None else _utc(retention_from)
     lo, hi = c.like_rate_bounds
     if n_rows < c.min_batch_rows_for_rate_check:  # too few rows for a rate to mean anything
         lo, hi = 0.0, 1.0
@@ -168,7 +238,7 @@ def suite_parameters(settings, n_rows: int, now: pd.Timestamp | None = None) -> 
         "like_rate_min": float(lo),
         "like_rate_max": float(hi),
         "newest_allowed": now + pd.Timedelta(seconds=c.future_tolerance_s),
-        "oldest_allowed": now - pd.Timedelta(days=c.retention_days),
+        "oldest_allowed": retention_from - pd.Timedelta(days=c.retention_days),
         "max_query_chars": int(c.max_query_chars),
         "max_events_per_user": int(c.max_events_per_user),
     }
@@ -216,13 +286,43 @@ def _critical_reason(o: ExpectationOutcome, vr_result) -> str:
     return f"critical: {o.guards}{count} failed"
 
 
-def validate_frame(v: pd.DataFrame, settings, *, now=None, run_name: str | None = None) -> ValidationOutcome:
-    """Run the feedback suite on a prepared frame (see :func:`prepare_feedback_frame`)."""
+def _row_reason(rule: str, k: int, n: int, guards: str, params: dict, retention_from, clock: str) -> str:
+    """One sentence per failing row rule: what failed, with the bound that was applied."""
+    if rule == "timestamp_too_old":
+        since = "the newest event (stored or in this batch)" if clock == "data" else "now"
+        return (f"row: {rule}: {k} of {n} rows older than {_day(params['oldest_allowed'])}, i.e. more than "
+                f"retention_days before {since} {_day(retention_from)}")
+    if rule == "timestamp_in_future":
+        return (f"row: {rule}: {k} of {n} rows later than {params['newest_allowed']:%Y-%m-%d %H:%M} UTC "
+                f"(wall clock + future_tolerance_s)")
+    if rule == "user_over_event_cap":
+        return (f"row: {rule}: {k} of {n} rows are events beyond a user's first {params['max_events_per_user']} "
+                f"in this batch (max_events_per_user); split off, other users' rows unaffected")
+    return f"row: {rule}: {k} of {n} rows fail \"{guards}\""
+
+
+def _day(t) -> str:
+    return pd.Timestamp(t).strftime("%Y-%m-%d")
+
+
+def validate_frame(v: pd.DataFrame, settings, *, now=None, run_name: str | None = None,
+                   store_newest: pd.Timestamp | None = None) -> ValidationOutcome:
+    """Run the feedback suite on a prepared frame (see :func:`prepare_feedback_frame`).
+
+    ``store_newest``: the newest event already stored (the data's clock for retention, together
+    with the batch's own newest event; see :func:`retention_reference`).
+    """
     from data_checks.gx_runtime import run_checkpoint
 
     t0 = time.perf_counter()
     n = len(v)
-    params = suite_parameters(settings, n, now)
+    now = pd.Timestamp.now(tz="UTC") if now is None else _utc(now)
+    c = settings.checks
+    retention_from = retention_reference(settings, v["_timestamp_utc"] if n else None, now, store_newest)
+    params = suite_parameters(settings, n, now, retention_from)
+    # the like-rate leaves out the rows beyond the per-user cap (they are split off on their own)
+    over_cap = (v["_user_event_rank"] > c.max_events_per_user).to_numpy() if n else np.zeros(0, bool)
+    v["_label_within_cap"] = v["_label_num"].where(~over_cap)
     docs_dir = settings.reports_dir / "data_docs" if settings.checks.data_docs else None
     vr, page = run_checkpoint(FEEDBACK_SUITE, v, params, docs_dir, run_name)
     outs, row_hits = _summarise(vr.results)
@@ -263,29 +363,42 @@ def validate_frame(v: pd.DataFrame, settings, *, now=None, run_name: str | None 
     row_reasons = pd.Series(row_reasons, dtype=object).str.rstrip("; ")
     bad = (row_reasons != "").to_numpy()
     n_bad_rows = int(bad.sum())
-    share = n_bad_rows / n if n else 0.0
+    # rows failing only split-only rules (the per-user cap) are held back on their own: they do not
+    # count toward the share that quarantines the whole batch
+    split_only = row_reasons.isin(SPLIT_ONLY_RULES).to_numpy()
+    n_split_only = int(split_only.sum())
+    n_counted = n_bad_rows - n_split_only
+    rest = n - n_split_only
+    share = n_counted / rest if rest else 0.0
     for rule, idx in row_hits.items():
         guards = next(o.guards for o in outs if o.rule == rule)
-        reasons.append(f"row: {rule}: {len(idx)} of {n} rows ({guards})")
+        reasons.append(_row_reason(rule, len(idx), n, guards, params, retention_from, c.retention_clock))
 
+    limit = c.max_invalid_row_share
     if critical or broken or batch_failed or n == 0:
         decision = "quarantine"
     elif n_bad_rows == 0:
         decision = "pass"
-    elif share <= settings.checks.max_invalid_row_share:
+    elif share <= limit:
         decision = "split"
     else:
         decision = "quarantine"
-        reasons.append(f"policy: {n_bad_rows} invalid rows = {share:.1%} of the batch > max_invalid_row_share "
-                       f"{settings.checks.max_invalid_row_share:.1%}: whole batch quarantined")
+        of = "of the rows within the per-user cap" if n_split_only else "of the batch"
+        reasons.append(f"policy: {n_counted} invalid rows = {share:.1%} {of} > max_invalid_row_share "
+                       f"{limit:.1%}: whole batch quarantined")
     if decision == "split":
-        reasons.append(f"policy: {n_bad_rows} invalid rows = {share:.1%} <= max_invalid_row_share "
-                       f"{settings.checks.max_invalid_row_share:.1%}: valid rows ingested, invalid rows quarantined")
+        if n_counted:
+            reasons.append(f"policy: {n_counted} invalid rows = {share:.1%} <= max_invalid_row_share "
+                           f"{limit:.1%}: valid rows ingested, invalid rows quarantined")
+        if n_split_only:
+            reasons.append(f"policy: {n_split_only} rows over the per-user cap split off (not counted toward "
+                           f"max_invalid_row_share): the other rows ingested")
     n_good = 0 if decision == "quarantine" else n - n_bad_rows
     return ValidationOutcome(
         success=decision != "quarantine", decision=decision, n_rows=n, n_good=n_good, n_bad=n - n_good,
         bad_share=round(share, 6), reasons=reasons, reason_counts=counts, expectations=outs,
-        parameters=_jsonable(params), data_docs=page, seconds=round(time.perf_counter() - t0, 3),
+        parameters=_jsonable({**params, "retention_from": retention_from, "retention_clock": c.retention_clock}),
+        data_docs=page, seconds=round(time.perf_counter() - t0, 3),
         row_reasons=row_reasons)
 
 
@@ -295,7 +408,7 @@ def validate_feedback_batch(df: pd.DataFrame, store, catalog: pd.DataFrame | Non
     catalog = store.catalog() if catalog is None else catalog
     stored = store.event_ids() if store is not None else set()
     v = prepare_feedback_frame(df, stored, catalog["item_id"].astype(str).to_numpy())
-    return validate_frame(v, settings, now=now, run_name=run_name)
+    return validate_frame(v, settings, now=now, run_name=run_name, store_newest=newest_stored_timestamp(store))
 
 
 def clean_rows(v: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:

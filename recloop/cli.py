@@ -66,23 +66,100 @@ def generate(
     emit(out, as_json, lambda d: table("generated", ["what", "value"], [[k, v] for k, v in d.items()]))
 
 
+PeriodOpt = typer.Option(7, "--period-days", help="Days per landing batch")
+FormatOpt = typer.Option("parquet", "--format", help="Batch file format: parquet, csv or jsonl")
+LikeOpt = typer.Option(4.0, "--like-threshold", help="Label rule: rating >= this -> like (1), else dislike (0)")
+MapOpt = typer.Option(None, "--map", help="COLUMN=FIELD (repeatable); events./items./users.COLUMN=FIELD for one "
+                                          "file. Fields: see recloop/datasets/contracts.py")
+TimeUnitOpt = typer.Option("s", "--time-unit", help="Unit of numeric timestamps: s, ms, us or ns")
+IdPrefixOpt = typer.Option("", "--id-prefix", help="Prefix for user and item ids (keeps datasets apart)")
+MovieLensArg = typer.Argument(..., help="Folder with u.data, u.item, u.user (MovieLens-100k format)")
+RecBoleArg = typer.Argument(..., help="Folder with RecBole atomic files <name>.inter, .item and optional .user; or the .inter file")
+RecBoleNameOpt = typer.Option(None, help="Dataset name, when the folder holds several (<name>.inter)")
+EventsOpt = typer.Option(..., "--events", help="Events file (CSV, TSV or Parquet)")
+ItemsOpt = typer.Option(..., "--items", help="Items file (CSV, TSV or Parquet)")
+UsersOpt = typer.Option(None, "--users", help="Users file with group attributes (optional)")
+SourceOpt = typer.Option(None, help="Name for the batch files (default: the events file's name)")
+
+
+def _import_render(d: dict) -> None:
+    rows = [[k, v] for k, v in d.items() if k != "notes"]
+    rows += [[f"note: {k}", v] for k, v in d.get("notes", {}).items()]
+    table("imported", ["what", "value"], rows)
+    print(f"next: recloop ingest --all -w {d['workspace']}")
+
+
+def _land(s, fn, as_json: bool) -> None:
+    try:
+        out = fn()
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    out.pop("files")
+    out["workspace"] = str(s.root)
+    out["landing"] = str(s.landing_dir)
+    emit(out, as_json, _import_render)
+
+
 @app.command("import-movielens")
 def import_movielens(
-    path: Path = typer.Argument(..., help="Folder with u.data, u.item, u.user (MovieLens-100k format)"),
+    path: Path = MovieLensArg,
     workspace: Path = WorkspaceOpt,
-    period_days: int = typer.Option(7, help="Days per landing batch"),
+    period_days: int = PeriodOpt,
+    fmt: str = FormatOpt,
+    like_threshold: float = LikeOpt,
     as_json: bool = JsonOpt,
 ):
     """Load a MovieLens-100k folder: catalog and users into the store, batches into landing/."""
     from recloop.datasets import land_movielens
 
     s = settings_for(workspace)
-    try:
-        out = land_movielens(s, path, period_days)
-    except FileNotFoundError as exc:
-        fail(str(exc))
-    out.pop("files")
-    emit(out, as_json, lambda d: table("imported", ["what", "value"], [[k, v] for k, v in d.items()]))
+    _land(s, lambda: land_movielens(s, path, period_days, fmt, like_threshold), as_json)
+
+
+@app.command("import-recbole")
+def import_recbole(
+    path: Path = RecBoleArg,
+    name: str = RecBoleNameOpt,
+    workspace: Path = WorkspaceOpt,
+    period_days: int = PeriodOpt,
+    fmt: str = FormatOpt,
+    like_threshold: float = LikeOpt,
+    maps: list[str] = MapOpt,
+    time_unit: str = TimeUnitOpt,
+    id_prefix: str = IdPrefixOpt,
+    as_json: bool = JsonOpt,
+):
+    """Load a RecBole dataset (atomic files): catalog and users into the store, batches into landing/."""
+    from recloop.datasets import land_recbole
+
+    s = settings_for(workspace)
+    _land(s, lambda: land_recbole(s, path, name=name, period_days=period_days, fmt=fmt,
+                                  like_threshold=like_threshold, maps=maps, time_unit=time_unit,
+                                  id_prefix=id_prefix), as_json)
+
+
+@app.command("import")
+def import_tables(
+    events: Path = EventsOpt,
+    items: Path = ItemsOpt,
+    users: Path = UsersOpt,
+    maps: list[str] = MapOpt,
+    source: str = SourceOpt,
+    workspace: Path = WorkspaceOpt,
+    period_days: int = PeriodOpt,
+    fmt: str = FormatOpt,
+    like_threshold: float = LikeOpt,
+    time_unit: str = TimeUnitOpt,
+    id_prefix: str = IdPrefixOpt,
+    as_json: bool = JsonOpt,
+):
+    """Load events/items/users tables with a column map: catalog and users into the store, batches into landing/."""
+    from recloop.datasets import land_tables
+
+    s = settings_for(workspace)
+    _land(s, lambda: land_tables(s, events, items, users, maps=maps, source=source, period_days=period_days,
+                                 fmt=fmt, like_threshold=like_threshold, time_unit=time_unit,
+                                 id_prefix=id_prefix), as_json)
 
 
 @app.command()

@@ -68,11 +68,14 @@ def replay(
 
         out = run_replay(src, root, cfg, progress)
     emit(out, as_json, _render)
+    if out.get("failures"):  # a retrain that raised is a failure of the run, not a rejected candidate
+        fail(f"{len(out['failures'])} retrain(s) failed, e.g. {out['failures'][0]['policy']} batch "
+             f"{out['failures'][0]['batch']}: {out['failures'][0]['error']} (see {out['markdown']})")
 
 
 def _render(out: dict) -> None:
     cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "worst_batch_auc", "retrains",
-            "promotions", "rejected", "train_seconds"]
+            "promotions", "rejected", "failed", "train_seconds"]
     table("replay", cols, [[_f(r.get(c)) for c in cols] for r in out["summary"]])
     print(f"plot: {out['plot']}\nsummary: {out['markdown']}\nall numbers: {out['json']}")
 

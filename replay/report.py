@@ -15,8 +15,22 @@ def _mean(xs) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def failed(record: dict) -> bool:
+    """A retrain that did not run to a decision (the record carries ``retrain_error``): not a rejection."""
+    return bool(record.get("retrained") and record.get("retrain_error"))
+
+
+def rejected(record: dict) -> bool:
+    """A retrain that produced a candidate the gates turned down."""
+    return bool(record.get("retrained") and not record.get("promoted") and not record.get("retrain_error"))
+
+
 def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> dict:
-    """One row of the summary table for a policy."""
+    """One row of the summary table for a policy.
+
+    ``rejected`` counts candidates the gates turned down; ``failed`` counts retrains that raised
+    (``retrain_error``: e.g. too few events stored), whose time is not training time.
+    """
     scored = [r for r in records if r.get("auc") is not None]
     aucs = [r["auc"] for r in scored]
     third = scored[len(scored) - math.ceil(len(scored) / 3):] if scored else []  # the newest third, rounded up
@@ -33,9 +47,16 @@ def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> 
         "mean_cold_item_auc": _mean([r.get("cold_item_auc") for r in scored]),
         "retrains": sum(1 for r in records if r.get("retrained")),
         "promotions": sum(1 for r in records if r.get("promoted")),
-        "rejected": sum(1 for r in records if r.get("retrained") and not r.get("promoted")),
-        "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in records), 1),
+        "rejected": sum(1 for r in records if rejected(r)),
+        "failed": sum(1 for r in records if failed(r)),
+        "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in records if not failed(r)), 1),
     }
+
+
+def failures(results: dict[str, list[dict]]) -> list[dict]:
+    """Every failed retrain: policy, batch, reason for retraining and the error."""
+    return [{"policy": p, "batch": r.get("batch"), "batch_start": r.get("batch_start"), "reason": r.get("reason"),
+             "error": r.get("retrain_error")} for p, recs in results.items() for r in recs if failed(r)]
 
 
 def _cell(v) -> str:
@@ -46,9 +67,9 @@ def _cell(v) -> str:
 
 def to_markdown(rows: list[dict]) -> str:
     cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "worst_batch_auc", "mean_ndcg_at_10",
-            "retrains", "promotions", "rejected", "train_seconds"]
+            "retrains", "promotions", "rejected", "failed", "train_seconds"]
     head = ["policy", "mean AUC", "mean AUC after drift", "AUC last third", "worst batch AUC", "mean NDCG@10",
-            "retrains", "promotions", "rejected", "train s"]
+            "retrains", "promotions", "rejected", "failed", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
@@ -67,13 +88,15 @@ def plot(results: dict[str, list[dict]], path: Path, drift_at: str | None = None
         ys = [records[i]["auc"] for i in xs]
         (line,) = ax.plot(xs, ys, marker=".", label=policy)
         promos = [i for i, r in enumerate(records) if r.get("promoted")]
-        rejects = [i for i, r in enumerate(records) if r.get("retrained") and not r.get("promoted")]
+        rejects = [i for i, r in enumerate(records) if rejected(r)]
+        fails = [i for i, r in enumerate(records) if failed(r)]
         for i in promos:
             ax.axvline(i + 0.5, color=line.get_color(), alpha=0.25, lw=1)
         floor = min(ys or [0.5])
         ax.scatter([i + 0.5 for i in promos], [floor - 0.02] * len(promos), marker="^", color=line.get_color(), s=30)
         ax.scatter([i + 0.5 for i in rejects], [floor - 0.035] * len(rejects), marker="x",
                    color=line.get_color(), s=25)
+        ax.scatter([i + 0.5 for i in fails], [floor - 0.05] * len(fails), marker="$!$", color="red", s=40)
     if drift_at is not None:
         first = next(iter(results.values()), [])
         idx = next((i for i, r in enumerate(first) if r["batch_start"] >= drift_at), None)
@@ -82,7 +105,7 @@ def plot(results: dict[str, list[dict]], path: Path, drift_at: str | None = None
             ax.text(idx - 0.4, ax.get_ylim()[1], " drift", va="top", fontsize=8)
     ax.set_xlabel("batch (time order); scored by the champion before ingest")
     ax.set_ylabel("AUC")
-    ax.set_title(title or "replay: AUC per batch (▲ promotion, × rejected candidate)")
+    ax.set_title(title or "replay: AUC per batch (▲ promotion, × rejected candidate, ! failed retrain)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -97,9 +120,14 @@ def plot(results: dict[str, list[dict]], path: Path, drift_at: str | None = None
 def write_reports(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> dict:
     drift_at = meta.get("drift_at")
     rows = [summarize(p, recs, drift_at) for p, recs in results.items()]
-    atomic_write_json({"meta": meta, "summary": rows, "batches": results}, out_dir / "replay.json")
+    fails = failures(results)
+    atomic_write_json({"meta": meta, "summary": rows, "failures": fails, "batches": results},
+                      out_dir / "replay.json")
     md = f"# Replay: {meta.get('source')}\n\n" + to_markdown(rows)
+    if fails:
+        md += "\n## Failed retrains\n\n" + "".join(
+            f"- {f['policy']}, batch {f['batch']} ({f['batch_start']}, {f['reason']}): {f['error']}\n" for f in fails)
     atomic_write_bytes(out_dir / "summary.md", md.encode())
     png = plot(results, out_dir / "auc.png", drift_at, f"replay on {meta.get('source')}: AUC per batch")
-    return {"summary": rows, "json": str(out_dir / "replay.json"), "markdown": str(out_dir / "summary.md"),
-            "plot": str(png)}
+    return {"summary": rows, "failures": fails, "json": str(out_dir / "replay.json"),
+            "markdown": str(out_dir / "summary.md"), "plot": str(png)}

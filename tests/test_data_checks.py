@@ -160,6 +160,48 @@ def test_unknown_event_type(dc_settings):
     assert o.decision == "split" and "event_type_unknown" in o.row_reasons[7]
 
 
+HISTORY = pd.Timestamp("1998-01-17 10:00", tz="UTC")
+
+
+def test_historical_batch_is_judged_on_its_own_clock(dc_settings):
+    """A 1998 backfill into an empty store: nothing is 'too old' for being historical."""
+    df = make_events(200, start=HISTORY)
+    o = check(dc_settings, df)
+    assert o.decision == "pass", o.reasons
+    assert o.parameters["retention_clock"] == "data"
+    assert o.parameters["retention_from"].startswith("1998-01-1")
+    # a stale row far older than the rest of the data is still caught, with a reason that says so
+    df.loc[3, "timestamp"] = HISTORY - pd.Timedelta(days=dc_settings.checks.retention_days + 30)
+    o = check(dc_settings, df)
+    assert o.decision == "split" and o.row_reasons[3] == "timestamp_too_old"
+    line = next(r for r in o.reasons if "timestamp_too_old" in r)
+    assert "1 of 200 rows older than 1988-" in line and "retention_days before the newest event" in line
+    assert "not older than" not in line
+
+
+def test_retention_clock_follows_the_store(dc_settings):
+    store = FeedbackStore.from_settings(dc_settings)
+    store.append(make_events(50, seed=5, start=HISTORY + pd.Timedelta(days=4000)), batch_id="newer")
+    o = check(dc_settings, make_events(200, start=HISTORY))  # > retention_days before the stored data
+    assert o.decision == "quarantine" and o.reason_counts == {"timestamp_too_old": 200}
+
+
+def test_wall_clock_retention_is_a_setting(dc_settings):
+    dc_settings.checks.retention_clock = "wall"
+    o = check(dc_settings, make_events(200, start=HISTORY))
+    assert o.decision == "quarantine" and o.reason_counts == {"timestamp_too_old": 200}
+    assert "retention_days before now" in reasons_text(o)
+
+
+def test_future_row_in_a_historical_batch_uses_the_wall_clock(dc_settings):
+    df = make_events(200, start=HISTORY)
+    df.loc[7, "timestamp"] = NOW + pd.Timedelta(days=30)  # forged: must not drag the data clock along
+    o = check(dc_settings, df)
+    assert o.decision == "split" and o.reason_counts == {"timestamp_in_future": 1}
+    assert o.row_reasons[7] == "timestamp_in_future"
+    assert o.parameters["retention_from"].startswith("1998-01-1")
+
+
 def test_future_timestamps_and_tolerance(dc_settings):
     df = make_events(200)
     df.loc[0, "timestamp"] = NOW + pd.Timedelta(days=1)
@@ -181,19 +223,58 @@ def test_query_length_bound(dc_settings):
     assert o.decision == "split" and o.row_reasons[4] == "query_too_long" and o.row_reasons[5] == ""
 
 
-def test_click_burst_from_one_user(dc_settings):
+def _burst(n: int, user: str = "user-spam", event_type: str = "click", seed: int = 9) -> pd.DataFrame:
+    from recloop.schema import LABEL_BY_EVENT
+
+    burst = make_events(n, seed=seed, prefix="burst")
+    burst["user_id"], burst["event_type"], burst["label"] = user, event_type, LABEL_BY_EVENT[event_type]
+    return burst
+
+
+def test_click_burst_splits_off_only_the_users_excess(dc_settings):
+    dc_settings.checks.max_events_per_user = 500
     clean = make_events(2_000)
-    burst = make_events(1_000, seed=9, prefix="burst")
-    burst["user_id"], burst["event_type"], burst["label"] = "user-spam", "click", 1
-    df = pd.concat([clean, burst], ignore_index=True)
+    df = pd.concat([clean, _burst(1_000)], ignore_index=True)
     o = check(dc_settings, df)
-    assert o.decision == "quarantine"  # 1,000 of 3,000 rows = 33 % > 5 %
-    assert o.reason_counts["user_over_event_cap"] == 1_000
-    assert set(np.flatnonzero((o.row_reasons != "").to_numpy())) == set(range(2_000, 3_000))
-    # a big enough batch: the burst is split off and the rest flows
-    dc_settings.checks.max_invalid_row_share = 0.5
+    # 1,000 burst rows = 33 % of the batch, but only the 500 beyond the cap are held, and they do not
+    # count toward max_invalid_row_share: every other user's row flows
+    assert o.decision == "split", o.reasons
+    assert (o.n_rows, o.n_good, o.n_bad) == (3_000, 2_500, 500)
+    assert o.reason_counts == {"user_over_event_cap": 500}
+    flagged = np.flatnonzero((o.row_reasons != "").to_numpy())
+    assert set(df.loc[flagged, "user_id"]) == {"user-spam"}
+    assert set(o.row_reasons[flagged]) == {"user_over_event_cap"}
+    spam_ts = pd.to_datetime(df.loc[df["user_id"] == "user-spam", "timestamp"])
+    assert pd.to_datetime(df.loc[flagged, "timestamp"]).min() >= spam_ts.sort_values().iloc[499]  # the latest ones
+    text = reasons_text(o)
+    assert "events beyond a user's first 500" in text and "not counted toward max_invalid_row_share" in text
+    assert o.bad_share == 0.0
+
+
+def test_burst_under_the_cap_is_not_spam(dc_settings):
+    df = pd.concat([make_events(2_000), _burst(737, user="user-0405", event_type="like")], ignore_index=True)
+    assert dc_settings.checks.max_events_per_user >= 737  # a MovieLens sign-up burst is below the default cap
     o = check(dc_settings, df)
-    assert o.decision == "split" and o.n_good == 2_000
+    assert o.decision == "pass" and o.n_good == 2_737, o.reasons
+
+
+def test_burst_does_not_shield_other_bad_rows(dc_settings):
+    dc_settings.checks.max_events_per_user = 500
+    df = pd.concat([make_events(2_000), _burst(1_000)], ignore_index=True)
+    df.loc[:199, "item_id"] = "item-nope"  # 200 of the 2,500 counted rows = 8 % > 5 %: whole batch
+    o = check(dc_settings, df)
+    assert o.decision == "quarantine" and o.n_good == 0
+    assert o.reason_counts == {"item_id_unknown": 200, "user_over_event_cap": 500}
+    assert "200 invalid rows = 8.0%" in reasons_text(o)
+
+
+def test_burst_of_likes_does_not_trip_the_like_rate(dc_settings):
+    dc_settings.checks.max_events_per_user = 100
+    clean = make_events(200)
+    df = pd.concat([clean, _burst(3_000, event_type="like")], ignore_index=True)
+    assert df["label"].mean() > dc_settings.checks.like_rate_bounds[1]  # counted whole, it would quarantine
+    o = check(dc_settings, df)
+    assert o.decision == "split" and o.n_good == 300 and o.reason_counts == {"user_over_event_cap": 2_900}
 
 
 def test_like_rate_bounds(dc_settings):

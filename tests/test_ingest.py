@@ -263,3 +263,40 @@ def test_synthetic_demo_world_end_to_end(settings):
     day = (data.events["timestamp"] - data.day_start(0)).dt.days
     assert store_of(settings).count() == int((day != bad_day).sum())
     assert Path(bad.data_docs).exists()
+
+
+def test_burst_user_excess_is_split_off_and_nothing_is_lost(dc_settings):
+    """The 1998-01-17 batch of the issue, in small: one user's sign-up burst over the cap."""
+    dc_settings.checks.max_events_per_user = 500
+    others = make_events(1_529, seed=3, n_users=300)
+    burst = make_events(737, seed=4, prefix="burst")
+    burst["user_id"], burst["event_type"], burst["label"] = "user-0405", "dislike", 0
+    df = pd.concat([others, burst], ignore_index=True).sample(frac=1.0, random_state=0).reset_index(drop=True)
+    out = ingest_batch(land(dc_settings, df, "week.parquet"), dc_settings, now=NOW)
+    assert out.status == "partial", out.reasons
+    assert (out.n_rows, out.n_new, out.n_quarantined) == (2_266, 1_529 + 500, 237)
+    assert out.n_rows == out.n_new + out.n_quarantined
+    stored = store_of(dc_settings).read()
+    assert set(others["event_id"]) <= set(stored["event_id"])  # every other user's row is stored
+    rejected = pd.read_parquet(out.quarantined_rows_path)
+    assert len(rejected) == 237 and set(rejected["user_id"]) == {"user-0405"}
+    assert set(rejected["_reason"]) == {"user_over_event_cap"}
+    # the held rows are the burst's latest events, the first 500 are stored
+    kept = stored.loc[stored["user_id"] == "user-0405", "timestamp"]
+    assert len(kept) == 500 and kept.max() <= pd.to_datetime(rejected["timestamp"], utc=True).min()
+    assert any("events beyond a user's first 500" in r for r in out.reasons)
+
+
+def test_historical_backfill_is_stored_whole(dc_settings):
+    """Weekly batches from 1997: retention is judged on the data's own clock, not today's date."""
+    start = pd.Timestamp("1997-09-20 03:05", tz="UTC")
+    for k in range(3):
+        land(dc_settings, make_events(120, seed=k, start=start + pd.Timedelta(days=7 * k)), f"ml-{k}.parquet")
+    outs = ingest_all(dc_settings)  # the wall clock: future checks stay against it
+    assert [o.status for o in outs] == ["ingested"] * 3, [o.reasons for o in outs]
+    assert store_of(dc_settings).count() == 360
+    stale = make_events(50, seed=9, prefix="stale", start=start - pd.Timedelta(days=4000))
+    out = ingest_batch(land(dc_settings, stale, "stale.parquet"), dc_settings)
+    assert out.status == "quarantined" and out.reason_counts == {"timestamp_too_old": 50}
+    assert any("retention_days before the newest event (stored or in this batch) 1997-10" in r
+               for r in out.reasons), out.reasons

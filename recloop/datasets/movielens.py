@@ -11,31 +11,20 @@ Produces the recloop contracts: catalog (text = title, year and genres), users
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from recloop.datasets.contracts import ImportedData, age_bucket, build_events, gender_value
+
+__all__ = ["GENRES", "MovieLensData", "age_bucket", "load_movielens"]
 
 GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
           "War", "Western"]
 
 
-@dataclass
-class MovieLensData:
-    catalog: pd.DataFrame
-    users: pd.DataFrame
-    events: pd.DataFrame
-
-
-def age_bucket(age: int) -> str:
-    if age < 25:
-        return "18-24" if age >= 18 else "<18"
-    if age < 35:
-        return "25-34"
-    if age < 50:
-        return "35-49"
-    return "50+"
+MovieLensData = ImportedData  # the loader's result: catalog, users, events (recloop.datasets.contracts)
 
 
 def load_movielens(path: str | Path, like_threshold: int = 4) -> MovieLensData:
@@ -63,19 +52,16 @@ def load_movielens(path: str | Path, like_threshold: int = 4) -> MovieLensData:
     })
     user_df = pd.DataFrame({
         "user_id": "mlu-" + users["user"].astype(str),
-        "gender": users["gender"].map({"M": "male", "F": "female"}).fillna("other"),
+        "gender": gender_value(users["gender"]),
         "age_bucket": users["age"].map(age_bucket),
         "occupation": users["occupation"].astype(str),
     })
-    liked = ratings["rating"] >= like_threshold
-    events = pd.DataFrame({
+    raw = pd.DataFrame({
         "event_id": "ml-" + ratings["user"].astype(str) + "-" + ratings["item"].astype(str) + "-" + ratings["ts"].astype(str),
         "user_id": "mlu-" + ratings["user"].astype(str),
         "item_id": "ml-" + ratings["item"].astype(str),
-        "event_type": liked.map({True: "like", False: "dislike"}),
-        "label": liked.astype("int8"),
-        "timestamp": pd.to_datetime(ratings["ts"], unit="s", utc=True),
-        "query": None,
-        "model_version": None,
-    }).sort_values(["timestamp", "event_id"], kind="stable").reset_index(drop=True)
-    return MovieLensData(catalog, user_df, events)
+        "rating": ratings["rating"],
+        "timestamp": ratings["ts"],
+    })
+    events, notes = build_events(raw, "ml", like_threshold=like_threshold)  # the shared label rule
+    return MovieLensData(catalog, user_df, events, notes)
