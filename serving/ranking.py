@@ -2,7 +2,8 @@
 
 1. **Retrieve** ``serving.candidates`` items: cosine of the user vector
    (the user tower from the user's history, plus the query text for search)
-   against every item vector, exact (``ItemIndex.top_n``). Items the user already liked
+   against every item vector, exact (``models.catalog_eval.top_n``: the same retrieval the offline
+   catalog evaluation runs, so its metrics measure this path). Items the user already liked
    are excluded from ``/recommend``. A cold-start user (no positive history) gets the
    most popular items (smoothed like-rate x log positives, from the store) instead,
    topped up by the model's cold user vector.
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from models.catalog_eval import order_by_score, retrieve_for_rescore, top_n
 from serving.index import exploration_pool, mmr
 from serving.lifecycle import Served
 from serving.storeview import StoreData
@@ -171,7 +173,7 @@ def _item_payload(data: StoreData, item_id: str) -> dict:
 def _order(scores: np.ndarray, vectors: np.ndarray, k: int, lam: float | None) -> np.ndarray:
     if lam is not None and len(scores) > 1:
         return mmr(scores, vectors, k, lam)
-    return np.argsort(-scores, kind="stable")[:k]
+    return order_by_score(scores, k)
 
 
 def _pick_exploration(served: Served, data: StoreData, settings, rng, taken: set[int]) -> int | None:
@@ -196,14 +198,15 @@ def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, r
         pop_rows = index.rows_of([i for i in pop.index[: s.candidates]])
         cand_rows = list(pop_rows)
         if len(cand_rows) < s.candidates:
-            extra, _ = index.top_n(scorer.user_vector(), s.candidates)
+            extra, _ = top_n(index.vectors, scorer.user_vector(), s.candidates)
             seen = set(cand_rows)
             cand_rows += [r for r in extra if r not in seen][: s.candidates - len(cand_rows)]
         cand_rows = np.asarray(cand_rows, dtype=np.int64)
+        n_cand = len(cand_rows)
+        cand_rows = cand_rows[: s.rescore]
     else:
-        cand_rows, _ = index.top_n(scorer.user_vector(), s.candidates, exclude=liked_rows)
-    n_cand = len(cand_rows)
-    cand_rows = cand_rows[: s.rescore]
+        cand_rows, n_cand = retrieve_for_rescore(index.vectors, scorer.user_vector(), s.candidates, s.rescore,
+                                                 exclude=liked_rows)
 
     explore_row = None
     if s.exploration_epsilon > 0 and k > 0 and rng.random() < s.exploration_epsilon:
@@ -244,9 +247,7 @@ def search(served: Served, data: StoreData, settings, query: str, user_id: str |
     s = settings.serving
     index = served.index
     scorer = _Scorer(served, data, user_id, query)
-    cand_rows, _ = index.top_n(scorer.user_vector(), s.candidates)
-    n_cand = len(cand_rows)
-    cand_rows = cand_rows[: s.rescore]
+    cand_rows, n_cand = retrieve_for_rescore(index.vectors, scorer.user_vector(), s.candidates, s.rescore)
     scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
     picked = _order(scores, index.vectors[cand_rows], k, s.mmr_lambda)
     qwords = _words(query)
