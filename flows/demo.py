@@ -174,13 +174,29 @@ def _summary(settings, stages, waves, outcome, seconds) -> None:
         t.add_row(*row)
     console.print(t)
     if outcome:
-        g = Table(title=f"gates for version {outcome['version']} vs champion v{outcome.get('champion_version_before')}")
-        for c in ("rule", "candidate", "champion", "threshold", "verdict"):
+        dec = outcome.get("decision", {})
+        g = Table(title=f"gates for version {outcome['version']} vs champion v{outcome.get('champion_version_before')}: "
+                        f"{'PROMOTE' if dec.get('promote') else 'REJECT'}")
+        for c in ("rule", "candidate", "95% CI", "champion", "threshold", "verdict"):
             g.add_column(c)
-        for r in outcome.get("decision", {}).get("rules", []):
-            g.add_row(str(r.get("name")), _fmt(r.get("value")), _fmt(r.get("champion")), _fmt(r.get("threshold")),
-                      "pass" if r.get("passed") else "[red]FAIL[/]")
+        for r in dec.get("rules", []):
+            ci = f"[{_fmt(r.get('low'))}, {_fmt(r.get('high'))}]" if r.get("low") is not None else "-"
+            g.add_row(str(r.get("name")), _fmt(r.get("value")), ci, _fmt(r.get("champion")),
+                      f"{r.get('op', '')} {_fmt(r.get('threshold'))}", "pass" if r.get("passed") else "[red]FAIL[/]")
         console.print(g)
+        b = Table(title="the same eval events: candidate, champion and every baseline")
+        for c in ("model", "AUC", "NDCG@k (catalog)", "tail exposure", "cold-item AUC"):
+            b.add_column(c)
+        rows = [("candidate", outcome.get("candidate_metrics") or {}),
+                ("champion", outcome.get("champion_metrics") or {}),
+                *(outcome.get("baseline_metrics") or {}).items()]
+        for name, m in rows:
+            if m:
+                b.add_row(name, _fmt(m.get("auc")), _fmt(m.get("ndcg_at_k")), _fmt(m.get("tail_exposure")),
+                          _fmt(m.get("cold_item_auc")))
+        console.print(b)
+        for reason in dec.get("reasons", []):
+            console.print(f"[red]reason[/]: {reason}")
     st = workspace_status(settings)
     console.print("model versions: " + ", ".join(
         f"v{m['version']}[{','.join(m['aliases']) or '-'}]" for m in st["models"]))

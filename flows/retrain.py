@@ -8,6 +8,9 @@ promotion is the last step.
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,15 +32,16 @@ champion = task(pipeline.load_champion_for_eval, name="load-champion", retries=2
                 cache_policy=NO_CACHE)
 train = task(pipeline.train_candidate, name="train-candidate", cache_policy=NO_CACHE)
 evaluate = task(pipeline.evaluate_model, name="evaluate", cache_policy=NO_CACHE)
-baseline = task(pipeline.baseline_auc, name="popularity-baseline", cache_policy=NO_CACHE)
+baselines = task(pipeline.evaluate_baselines, name="baselines", cache_policy=NO_CACHE)
+check_window = task(pipeline.check_champion_window, name="check-champion-window", cache_policy=NO_CACHE)
 
 
 @task(name="decide", cache_policy=NO_CACHE)
-def decide(candidate_eval, champion_eval, settings, base_auc, champion_version=None):
+def decide(candidate_eval, champion_eval, settings, baseline_evals, candidate_version, champion_version=None):
     from models.gates import decide_promotion
 
-    return decide_promotion(candidate_eval, champion_eval, settings, baseline_auc=base_auc,
-                            champion_version=champion_version)
+    return decide_promotion(candidate_eval, champion_eval, settings, baseline_evals,
+                            candidate_version=candidate_version, champion_version=champion_version)
 
 
 @task(name="log-and-register", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
@@ -48,14 +52,39 @@ def register(settings, **kwargs):
 
 
 @task(name="promote-or-reject", cache_policy=NO_CACHE)
-def promote_or_reject(settings, version, decision, expected_champion):
+def promote_or_reject(settings, version, decision):
     from models.registry import promote, reject
 
     if decision.promote:
-        promote(settings, version, decision, expected_champion=expected_champion)
+        promote(settings, version, decision)
     else:
         reject(settings, version, decision)
     return pipeline.load_champion_version(settings)
+
+
+class Terminated(BaseException):
+    """A retrain stopped by a signal (SIGTERM from a supervisor, a worker shutting down)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def _sigterm_raises():
+    """In the main thread, turn SIGTERM into :class:`Terminated` so the audit line records it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def ensure_retrain_limit() -> None:
@@ -98,10 +127,15 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
     with concurrency(RETRAIN_LIMIT, occupy=1, strict=True):
         held_from = datetime.now(timezone.utc).isoformat()
         _storm(settings, "started", reason=reason)
-        ok, error = False, None
+        ok, error, signame = False, None, None
         try:
-            outcome = _retrain(settings, reason, drift_report, logger)
+            with _sigterm_raises():
+                outcome = _retrain(settings, reason, drift_report, logger)
             ok = True
+        except Terminated as exc:
+            error, signame = str(exc), signal.Signals(exc.signum).name
+            logger.error("retrain %s, champion untouched", error)
+            raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             logger.error("retrain failed, champion untouched: %s", error)
@@ -109,7 +143,8 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
         finally:
             _storm(settings, "finished", succeeded=ok)
             _audit(settings, {"flow_run_id": str(runtime.flow_run.id or ""), "reason": reason, "held_from": held_from,
-                              "held_to": datetime.now(timezone.utc).isoformat(), "succeeded": ok, "error": error})
+                              "held_to": datetime.now(timezone.utc).isoformat(), "succeeded": ok, "error": error,
+                              "signal": signame})
     return outcome
 
 
@@ -121,31 +156,53 @@ def _audit(settings, record: dict) -> None:
 
 
 def _retrain(settings, reason, drift_report, logger) -> dict:
-    data = prepare(settings)
-    logger.info("window %s .. %s: %d train / %d eval events, snapshot %s", data.train_start, data.eval_end,
-                len(data.train), len(data.eval), data.snapshot.hash[:12])
     champ_model, champ_version = champion(settings)
+    data = prepare(settings, champion_trained_until=pipeline.champion_train_end(champ_model))
+    logger.info("window %s .. %s: %d train / %d eval events (eval: %s), snapshot %s, feature lag %s",
+                data.train_start, data.eval_end, len(data.train), len(data.eval), data.cut_reason,
+                data.snapshot.hash[:12], data.feature_lag)
+    check_window(champ_model, data)
     trained, model_dir = train(settings, data)
     cand_eval = evaluate(settings, trained.model, data)
     champ_eval = evaluate(settings, champ_model, data) if champ_model is not None else None
-    base = baseline(data)
-    decision = decide(cand_eval, champ_eval, settings, base, champ_version)
+    base_evals = baselines(settings, data)
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else ""
     lineage = {**data.lineage(), "trigger_reason": reason, "prefect_flow_run_id": flow_run_id,
-               "git_commit": pipeline.git_commit() or "", "champion_version_judged_against": champ_version or ""}
+               "git_commit": pipeline.git_commit() or "", "champion_version_judged_against": champ_version or "",
+               "champion_trained_until": str(pipeline.champion_train_end(champ_model) or ""),
+               "epochs_chosen": str(trained.model.config.get("epochs_chosen", "")),
+               "refit_full": str(trained.model.config.get("refit_full", ""))}
+    # judged before registration (a failure here registers nothing); bound to the version right after
+    decision = decide(cand_eval, champ_eval, settings, base_evals, None, champ_version)
     run_id, version = register(
         settings, model_dir=model_dir, evaluation=cand_eval, champion_evaluation=champ_eval, decision=decision,
         lineage=lineage, params=getattr(trained, "params", {}), history=trained.history, train_data=data.train,
-        drift_report_path=drift_report,
+        drift_report_path=drift_report, baseline_evaluations=base_evals,
     )
-    after = promote_or_reject(settings, version, decision, champ_version)
-    promoted = decision.promote and after == str(version)
-    outcome = pipeline.RetrainOutcome(
-        version=str(version), promoted=promoted, reason=reason, decision=decision.to_dict(),
-        candidate_metrics=cand_eval.to_dict(), champion_metrics=None if champ_eval is None else champ_eval.to_dict(),
-        champion_version_before=champ_version, champion_version_after=after, baseline_auc=base,
-        train_seconds=float(trained.seconds), run_id=run_id, lineage=lineage,
-    ).to_dict()
+    try:
+        decision = decision.with_versions(candidate_version=str(version))
+        after = promote_or_reject(settings, version, decision)
+        promoted = decision.promote and after == str(version)
+        outcome = pipeline.RetrainOutcome(
+            version=str(version), promoted=promoted, reason=reason, decision=decision.to_dict(),
+            candidate_metrics=cand_eval.to_dict(),
+            champion_metrics=None if champ_eval is None else champ_eval.to_dict(),
+            baseline_metrics={k: v.to_dict() for k, v in base_evals.items()},
+            champion_version_before=champ_version, champion_version_after=after,
+            train_seconds=float(trained.seconds), run_id=run_id, lineage=lineage,
+        ).to_dict()
+        _report(settings, outcome, decision, reason, champ_version, after, promoted)
+    except BaseException as exc:  # anything after registration: the version says it failed, champion untouched
+        from models.registry import mark_failed
+
+        mark_failed(settings, str(version), f"{type(exc).__name__}: {exc}")
+        raise
+    logger.info("version %s %s (champion now %s)", version, "promoted" if promoted else "rejected", after)
+    return outcome
+
+
+def _report(settings, outcome: dict, decision, reason: str, champ_version, after, promoted: bool) -> None:
+    version = outcome["version"]
     report_dir = settings.reports_dir / "retrain"
     atomic_write_json(outcome, report_dir / f"version-{version}.json")
     atomic_write_json(outcome, report_dir / "latest.json")
@@ -159,8 +216,6 @@ def _retrain(settings, reason, drift_report, logger) -> dict:
     emit(settings, MODEL_PROMOTED if promoted else MODEL_REJECTED,
          {"version": str(version), "reason": reason, "champion_before": champ_version, "champion_after": after,
           "decision": decision.to_dict()})
-    logger.info("version %s %s (champion now %s)", version, "promoted" if promoted else "rejected", after)
-    return outcome
 
 
 def latest_outcome(settings) -> dict | None:

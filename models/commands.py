@@ -25,8 +25,8 @@ def register(app: typer.Typer) -> None:
         save: Path = SaveOpt,
         as_json: bool = JsonOpt,
     ):
-        """Train the BERT recommender on the store (earlier part) and compare it with popularity and MF on the
-        later part: AUC, cold-item AUC, NDCG@k, Recall@k, tail exposure, group AUC gap."""
+        """Train the BERT recommender on the store (earlier part) and judge it on the later part against every
+        baseline (statistics-only LR, fresh popularity, popularity, tuned MF) with the promotion gates."""
         from models.comparison import train_and_compare
         from recloop.store import FeedbackStore
 
@@ -48,6 +48,9 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             fail(str(exc))
         trained = out.pop("trained")
+        decision = out.pop("decision")
+        out["gate_decision"] = decision.to_dict()
+        out["gate_report"] = decision.to_markdown()
         if save:
             out["saved_to"] = str(trained.model.save(save))
         out["model"] = trained.model.info
@@ -70,11 +73,16 @@ def _render(doc: dict) -> None:
                                           "max_group_auc_gap"))] for name, r in m.items()]
     first = next(iter(m.values()))
     table(f"test: {doc['n_test']} events ({first['n_cold_events']} on cold items), "
-          f"{doc['test_window'][0]} .. {doc['test_window'][1]}; trained on {doc['n_train']}", cols, rows)
+          f"{doc['test_window'][0]} .. {doc['test_window'][1]}; trained on {doc['n_train']}; features lag "
+          f"{doc['feature_lag_seconds']:g} s; NDCG/recall/tail over the whole catalog", cols, rows)
+    gd = doc["gate_decision"]
+    table(f"gates (no champion): {'PROMOTE' if gd['promote'] else 'REJECT'}", ["rule", "verdict", "detail"],
+          [[r["name"], "pass" if r["passed"] else "FAIL", r["detail"]] for r in gd["rules"]])
     sec = doc["seconds"]
     table("training", ["what", "value"], [
         ["mode", doc["model"]["mode"]], ["encoder", doc["model"]["encoder"]],
         ["best val AUC", _fmt(doc["best_val_auc"])], ["epochs", len(doc["history"])],
-        ["train seconds", f"{sec['train']:.1f}"], ["score test seconds", f"{sec['score_test']:.1f}"],
+        ["train seconds", f"{sec['train']:.1f}"], ["evaluate seconds", f"{sec['evaluate_model']:.1f}"],
+        ["baselines seconds", f"{sec['baselines']:.1f}"],
         *([["saved to", doc["saved_to"]]] if doc.get("saved_to") else []),
     ])

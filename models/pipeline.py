@@ -31,10 +31,16 @@ class RetrainData:
     eval: pd.DataFrame
     catalog: pd.DataFrame
     users: pd.DataFrame
-    snapshot: Snapshot
+    snapshot: Snapshot | None  # None outside a retrain (e.g. `recloop train`)
     train_start: pd.Timestamp
     train_end: pd.Timestamp  # exclusive: eval starts here
     eval_end: pd.Timestamp
+    feature_lag: pd.Timedelta = field(default_factory=lambda: pd.Timedelta(0))
+    cut_reason: str = "newest eval_days"  # why the eval window starts where it does
+
+    @property
+    def eval_start(self) -> pd.Timestamp:
+        return self.train_end
 
     def lineage(self) -> dict:
         return {
@@ -43,6 +49,8 @@ class RetrainData:
             "window_end": str(self.train_end),
             "eval_start": str(self.train_end),
             "eval_end": str(self.eval_end),
+            "eval_cut": self.cut_reason,
+            "feature_lag_seconds": str(self.feature_lag.total_seconds()),
             "n_train_events": len(self.train),
             "n_eval_events": len(self.eval),
             "batch_ids": ",".join(self.snapshot.batch_ids),
@@ -57,9 +65,9 @@ class RetrainOutcome:
     decision: dict = field(default_factory=dict)
     candidate_metrics: dict = field(default_factory=dict)
     champion_metrics: dict | None = None
+    baseline_metrics: dict = field(default_factory=dict)  # name -> Evaluation.to_dict() on the same events
     champion_version_before: str | None = None
     champion_version_after: str | None = None
-    baseline_auc: float | None = None
     train_seconds: float = 0.0
     total_seconds: float = 0.0
     run_id: str | None = None
@@ -69,8 +77,22 @@ class RetrainOutcome:
         return asdict(self)
 
 
-def prepare_retrain_data(settings, now=None) -> RetrainData:
-    """Read the store, cut a time-ordered train / eval split (eval = the newest days)."""
+def champion_train_end(model) -> pd.Timestamp | None:
+    """The newest event the champion was trained on (from its config), or None when unknown."""
+    end = (getattr(model, "config", None) or {}).get("train_end") if model is not None else None
+    if end in (None, "", "None", "NaT"):
+        return None
+    ts = pd.Timestamp(end)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts
+
+
+def prepare_retrain_data(settings, now=None, champion_trained_until=None) -> RetrainData:
+    """Read the store, cut a time-ordered train / eval split (eval = the newest days).
+
+    ``champion_trained_until``: the newest event the champion was trained on. The eval window
+    starts after it, so the champion is never judged on events it learned from (a shorter
+    window then carries less evidence, which the gates' evidence rule weighs).
+    """
     store = FeedbackStore.from_settings(settings)
     cfg = settings.retrain
     start = None
@@ -86,15 +108,28 @@ def prepare_retrain_data(settings, now=None) -> RetrainData:
     eval_len = pd.Timedelta(days=cfg.eval_days)
     eval_len = min(max(eval_len, span * cfg.min_eval_fraction), span * cfg.max_eval_fraction)
     cut = (last - eval_len).ceil("h") if span > pd.Timedelta(days=1) else last - eval_len
+    why = f"newest {eval_len} of the window"
+    if champion_trained_until is not None and champion_trained_until >= cut:
+        cut = champion_trained_until + pd.Timedelta(microseconds=1)
+        why = f"after the champion's training data (it was trained on events up to {champion_trained_until})"
     train, held_out = events[events["timestamp"] < cut], events[events["timestamp"] >= cut]
     if train.empty or held_out.empty or held_out["label"].nunique() < 2:
-        raise RetrainError(f"cannot split {len(events)} events at {cut}: need train events and both labels in eval")
+        raise RetrainError(f"cannot split {len(events)} events at {cut} ({why}): need train events and both "
+                           f"labels in eval ({len(held_out)} eval events)")
     return RetrainData(
         events=events, train=train.reset_index(drop=True), eval=held_out.reset_index(drop=True),
         catalog=store.catalog(), users=store.users(),
         snapshot=store.snapshot(start=first, end=last + pd.Timedelta(microseconds=1)),
-        train_start=first, train_end=cut, eval_end=last,
+        train_start=first, train_end=cut, eval_end=last, feature_lag=settings.feature_lag, cut_reason=why,
     )
+
+
+def check_champion_window(champion_model, data: RetrainData) -> None:
+    """Fail closed when the champion was trained on events of the eval window (its figures would flatter it)."""
+    end = champion_train_end(champion_model)
+    if champion_model is not None and end is not None and end >= data.eval_start:
+        raise RetrainError(f"the champion was trained on events up to {end}, inside the eval window that starts "
+                           f"at {data.eval_start}: it cannot be judged fairly on these events")
 
 
 def train_candidate(settings, data: RetrainData):
@@ -108,29 +143,53 @@ def train_candidate(settings, data: RetrainData):
 
 
 def score_events(model, data: RetrainData) -> pd.DataFrame:
-    """Score the eval events point-in-time (history = everything stored, strictly before each event)."""
-    scores = model.score(data.eval[["user_id", "item_id", "query", "timestamp"]], data.events, data.catalog)
+    """Score the eval events point-in-time: history = events older than each event minus the feature lag."""
+    scores = model.score(data.eval[["user_id", "item_id", "query", "timestamp"]], data.events, data.catalog,
+                         lag=data.feature_lag)
     scored = data.eval[["event_id", "user_id", "item_id", "label", "timestamp"]].copy()
     scored["score"] = np.asarray(scores, dtype=float)
     return scored
 
 
+def _evaluation(settings, scored: pd.DataFrame, data: RetrainData, ranker=None):
+    """Logged-event AUC (and groups, cold items) + ranking metrics over the whole catalog, as served."""
+    from models.catalog_eval import evaluate_catalog_ranking
+    from models.evaluate import evaluate_scores, item_popularity
+
+    g = settings.gates
+    ev = evaluate_scores(scored, data.users, set(data.train["item_id"]), item_popularity(data.train), k=g.k,
+                         group_columns=tuple(g.group_columns), min_group_events=g.min_group_events,
+                         include_missing_group=g.include_missing_group)
+    if ranker is not None:
+        ranking = evaluate_catalog_ranking(settings, ranker, data)
+        ev.ndcg_at_k, ev.recall_at_k, ev.tail_exposure = ranking.ndcg_at_k, ranking.recall_at_k, ranking.tail_exposure
+        ev.ranking_scope = "catalog"
+        ev.reasons.pop("ndcg_at_k", None)
+        ev.reasons.pop("recall_at_k", None)
+        ev.reasons.pop("tail_exposure", None)
+    return ev
+
+
 def evaluate_model(settings, model, data: RetrainData):
-    from models.evaluate import evaluate_scores
+    """The model's :class:`~models.evaluate.Evaluation` on the eval events (candidate and champion alike)."""
+    from models.catalog_eval import ModelRanker
 
-    scored = score_events(model, data)
-    popularity = data.train.groupby("item_id").size()
-    return evaluate_scores(scored, data.users, set(data.train["item_id"]), popularity,
-                           k=settings.gates.k, group_columns=tuple(settings.gates.group_columns))
+    return _evaluation(settings, score_events(model, data), data, ModelRanker(model, settings))
 
 
-def baseline_auc(data: RetrainData) -> float:
-    """The popularity baseline's AUC on the same eval events (a floor every candidate must beat)."""
-    from models.baselines import PopularityBaseline
-    from models.evaluate import auc
+def evaluate_baselines(settings, data: RetrainData) -> dict:
+    """Every baseline fitted on the train part and scored on the same eval events the same way (same lag)."""
+    from models.baselines import make_baselines
+    from models.catalog_eval import ranker_for
 
-    pop = PopularityBaseline().fit(data.train)
-    return float(auc(data.eval["label"].to_numpy(), pop.score(data.eval[["user_id", "item_id"]])))
+    out = {}
+    for name, baseline in make_baselines(settings).items():
+        baseline.fit(data.train, data.events, data.catalog)
+        scored = data.eval[["event_id", "user_id", "item_id", "label", "timestamp"]].copy()
+        scored["score"] = np.asarray(baseline.score(data.eval, data.events, data.catalog), dtype=float)
+        out[name] = _evaluation(settings, scored, data, ranker_for(baseline, settings))
+        out[name].model_version = name
+    return out
 
 
 def load_champion_for_eval(settings):

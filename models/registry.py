@@ -469,8 +469,11 @@ def _requirements() -> list[str]:
 def _decision_tags(decision) -> dict[str, str]:
     tags = {}
     for r in decision.rules:
-        val = "" if r.value is None else (f"{r.value:.4f}" if isinstance(r.value, float) and math.isfinite(r.value)
-                                          else str(r.value))
+        judged = r.low if getattr(r, "decided_on", "point") == "ci_lower" and r.low is not None else r.value
+        val = "" if judged is None else (f"{judged:.4f}" if isinstance(judged, float) and math.isfinite(judged)
+                                         else str(judged))
+        if judged is not r.value and val:
+            val = f"CI low {val}"
         thr = "" if r.threshold is None else (f"{r.op} {r.threshold:.4f}" if math.isfinite(r.threshold) else "NaN")
         tags[f"gate_{_tag_safe(r.name).replace(':', '_')}"] = _short(f"{'pass' if r.passed else 'fail'}: {val} {thr}".strip())
     if decision.bootstrap_ci is not None:

@@ -39,8 +39,9 @@ def permissive_toml(encoder, extra: str = "") -> str:
     """Workspace settings for flow tests: a tiny encoder, one epoch, and gates that let any working
     candidate through (these tests are about orchestration, not model quality)."""
     return (f'{extra}[training]\nencoder_path = "{encoder}"\nmax_epochs = 1\n'
-            "[gates]\nmin_auc = 0.0\nmin_ndcg = 0.0\nbaseline_margin = -1.0\nmax_auc_drop = 1.0\n"
-            "max_group_auc_gap = 1.0\nmax_gap_increase = 1.0\nmin_tail_exposure = 0.0\nmax_tail_exposure_drop = 1.0\n")
+            "[gates]\nmin_eval_events = 0\nmin_eval_positives = 0\nmin_eval_negatives = 0\n"
+            "min_auc = 0.0\nmin_ndcg = 0.0\nbaseline_margin = -1.0\nmax_auc_drop = 1.0\ncatalog_eval_users = 100\n"
+            "max_group_auc_gap = 1.0\nmax_gap_increase = 1.0\nmin_tail_exposure = 0.0\n")
 
 
 @pytest.fixture

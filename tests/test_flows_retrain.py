@@ -62,7 +62,7 @@ def test_retrain_registers_promotes_and_reports(harness, workspace):
     assert out["lineage"]["trigger_reason"] == "initial" and out["lineage"]["prefect_flow_run_id"]
     assert latest_outcome(workspace)["version"] == "1"
     rules = {r["name"] for r in out["decision"]["rules"]}
-    assert {"min_auc", "beats_popularity"} <= rules
+    assert {"evidence", "min_auc", "beats_baselines", "tail_exposure"} <= rules
 
     # a second candidate is judged against the champion on the same events
     out2 = retrain_flow(reason="drift", workspace=str(workspace.root))
@@ -105,3 +105,55 @@ def test_two_concurrent_retrains_never_overlap(harness, workspace):
     assert len(runs) == 2 and all(r["succeeded"] for r in runs)
     first, second = sorted(runs, key=lambda r: r["held_from"])
     assert first["held_to"] <= second["held_from"], "the retrain slot was held by two runs at once"
+
+
+def test_degraded_candidate_is_rejected_by_the_real_gates(harness, workspace, monkeypatch):
+    """A candidate trained on shuffled labels goes through the real gates (defaults, except evidence
+    minimums sized to this small world) and is rejected; the champion stays."""
+    import numpy as np
+
+    from flows.retrain import retrain_flow
+    from models import train as train_mod
+    from models.pipeline import load_champion_version
+
+    assert retrain_flow(reason="initial", workspace=str(workspace.root))["promoted"]
+    toml = workspace.root / "recloop.toml"
+    enc = str(workspace.training.encoder_path)
+    toml.write_text(f'[training]\nencoder_path = "{enc}"\nmax_epochs = 1\n'
+                    "[gates]\nmin_eval_events = 300\nmin_eval_positives = 30\nmin_eval_negatives = 30\n"
+                    "catalog_eval_users = 100\n")
+    real = train_mod.train_recommender
+
+    def shuffled(settings, events, *a, **kw):
+        events = events.copy()
+        events["label"] = np.random.default_rng(0).permutation(events["label"].to_numpy())
+        return real(settings, events, *a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_recommender", shuffled)
+    out = retrain_flow(reason="degraded", workspace=str(workspace.root))
+    failed = {r["name"] for r in out["decision"]["rules"] if not r["passed"]}
+    assert not out["promoted"] and out["champion_version_after"] == "1" == load_champion_version(workspace)
+    assert {"vs_champion_auc", "beats_baselines"} <= failed, out["decision"]["reasons"]
+    assert out["decision"]["candidate_version"] == out["version"] and out["decision"]["champion_version"] == "1"
+
+
+def test_sigterm_during_a_retrain_is_recorded_in_its_audit_line(harness, workspace, monkeypatch):
+    import os
+    import signal
+
+    from flows.retrain import Terminated, retrain_flow
+    import flows.retrain as fr
+    from models.pipeline import load_champion_version
+
+    def killed(settings, data):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a supervisor or `docker stop` sends
+        raise AssertionError("SIGTERM did not stop the retrain")
+
+    monkeypatch.setattr(fr, "train", fr.task(killed, name="train-candidate"))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        retrain_flow(reason="sigterm", workspace=str(workspace.root))
+    runs = [json.loads(line) for line in (workspace.state_dir / "retrain_runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["signal"] == "SIGTERM" and runs[-1]["succeeded"] is False
+    assert load_champion_version(workspace) is None
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is restored
