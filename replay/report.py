@@ -50,7 +50,33 @@ def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> 
         "rejected": sum(1 for r in records if rejected(r)),
         "failed": sum(1 for r in records if failed(r)),
         "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in records if not failed(r)), 1),
+        **_strongest_baseline(scored),
     }
+
+
+def _strongest_baseline(scored: list[dict]) -> dict:
+    """The best baseline's mean AUC over exactly the batches the policy's champion was scored on."""
+    means = {name: _mean([(r.get("baselines") or {}).get(name) for r in scored])
+             for name in sorted({n for r in scored for n in (r.get("baselines") or {})})}
+    means = {n: m for n, m in means.items() if m is not None}
+    if not means:
+        return {"best_baseline": None, "best_baseline_auc": None}
+    best = max(means, key=means.get)
+    return {"best_baseline": best, "best_baseline_auc": means[best]}
+
+
+def baseline_rows(results: dict[str, list[dict]], drift_at: str | None = None) -> list[dict]:
+    """Each baseline over every batch it scored (fitted on the stored history before the batch, same lag)."""
+    first = next(iter(results.values()), [])
+    rows = []
+    for name in sorted({n for r in first for n in (r.get("baselines") or {})}):
+        vals = [(r["batch_start"], r["baselines"].get(name)) for r in first if r.get("baselines")]
+        vals = [(t, v) for t, v in vals if v is not None]
+        third = vals[len(vals) - math.ceil(len(vals) / 3):] if vals else []
+        rows.append({"baseline": name, "batches": len(vals), "mean_auc": _mean([v for _, v in vals]),
+                     "mean_auc_after_drift": _mean([v for t, v in vals if drift_at and t >= drift_at])
+                     if drift_at else None, "auc_last_third": _mean([v for _, v in third])})
+    return rows
 
 
 def failures(results: dict[str, list[dict]]) -> list[dict]:
@@ -67,9 +93,9 @@ def _cell(v) -> str:
 
 def to_markdown(rows: list[dict]) -> str:
     cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "worst_batch_auc", "mean_ndcg_at_10",
-            "retrains", "promotions", "rejected", "failed", "train_seconds"]
+            "retrains", "promotions", "rejected", "failed", "train_seconds", "best_baseline", "best_baseline_auc"]
     head = ["policy", "mean AUC", "mean AUC after drift", "AUC last third", "worst batch AUC", "mean NDCG@10",
-            "retrains", "promotions", "rejected", "failed", "train s"]
+            "retrains", "promotions", "rejected", "failed", "train s", "best baseline", "its AUC, same batches"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")
@@ -121,9 +147,16 @@ def write_reports(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> 
     drift_at = meta.get("drift_at")
     rows = [summarize(p, recs, drift_at) for p, recs in results.items()]
     fails = failures(results)
-    atomic_write_json({"meta": meta, "summary": rows, "failures": fails, "batches": results},
+    atomic_write_json({"meta": meta, "summary": rows, "baselines": baseline_rows(results, drift_at),
+                       "failures": fails, "batches": results},
                       out_dir / "replay.json")
+    bases = baseline_rows(results, drift_at)
     md = f"# Replay: {meta.get('source')}\n\n" + to_markdown(rows)
+    if bases:
+        md += ("\n## Baselines (every batch, fitted on the history before it)\n\n"
+               "| baseline | batches | mean AUC | mean AUC after drift | AUC last third |\n|---|---|---|---|---|\n"
+               + "".join(f"| {b['baseline']} | {b['batches']} | {_cell(b['mean_auc'])} | "
+                         f"{_cell(b['mean_auc_after_drift'])} | {_cell(b['auc_last_third'])} |\n" for b in bases))
     if fails:
         md += "\n## Failed retrains\n\n" + "".join(
             f"- {f['policy']}, batch {f['batch']} ({f['batch_start']}, {f['reason']}): {f['error']}\n" for f in fails)

@@ -20,6 +20,7 @@ replay continues from the last completed batch.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 import pandas as pd
 
 from recloop.store import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("never", "periodic", "drift")
 
@@ -147,13 +150,49 @@ def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.Data
                                         "group_auc_gap", "n_events")}
 
 
+def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog) -> dict:
+    """AUC of every baseline on the batch, each fitted on the stored history and scoring point-in-time with
+    the same lag (test-then-train, exactly like the champion). Baselines do not depend on the policy."""
+    from models.baselines import make_baselines
+    from models.evaluate import auc
+
+    if len(history) == 0 or rows["label"].nunique() < 2:
+        return {}
+    out = {}
+    for name, baseline in make_baselines(settings).items():
+        try:
+            baseline.fit(history, history, catalog)
+            out[name] = auc(rows["label"].to_numpy(), baseline.score(rows, history, catalog))
+        except ValueError as exc:  # e.g. one class in the history so far
+            out[name] = None
+            log.warning("baseline %s not scored on this batch: %s", name, exc)
+    return out
+
+
+class BaselineCache:
+    """Per-batch baseline AUCs shared by the policies (same batches, same ingest), kept on disk for resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, i: int, compute) -> dict:
+        key = str(i)
+        if key not in self.data:
+            self.data[key] = compute()
+            atomic_write_json(self.data, self.path)
+        return self.data[key]
+
+
 class PolicyRun:
     """One policy's replay in its own workspace."""
 
-    def __init__(self, policy: str, source: ReplaySource, root: Path, cfg: ReplayConfig):
+    def __init__(self, policy: str, source: ReplaySource, root: Path, cfg: ReplayConfig,
+                 baselines: BaselineCache | None = None):
         from recloop.settings import load_settings
 
         self.policy, self.source, self.cfg = policy, source, cfg
+        self.baselines = baselines or BaselineCache(root / "baseline_aucs.json")
         self.root = root / policy
         self.root.mkdir(parents=True, exist_ok=True)
         # the flows read settings from the workspace, so the overrides go into its recloop.toml
@@ -205,15 +244,20 @@ class PolicyRun:
             # a. test: the champion scores the batch before it is ingested
             t0 = time.perf_counter()
             version, model, config = self._champion_model()
+            rows = _valid_rows(batch, catalog_ids, end)
+            history = store.read()
             if model is not None:
-                rows = _valid_rows(batch, catalog_ids, end)
                 if len(rows) and rows["label"].nunique() == 2:
-                    rec.update(score_batch(model, config, rows, store.read(), self.source.catalog,
+                    rec.update(score_batch(model, config, rows, history, self.source.catalog,
                                            self.source.users, k=self.settings.gates.k,
                                            group_columns=self.settings.gates.group_columns,
                                            lag=self.settings.feature_lag))
                 rec["champion_version"] = version
             rec["score_s"] = round(time.perf_counter() - t0, 2)
+            # a'. the same batch, every baseline (fitted on the same stored history, same lag)
+            if len(rows):
+                rec["baselines"] = self.baselines.get(
+                    i, lambda: baseline_aucs(self.settings, rows, history, self.source.catalog))
             # b. ingest through the production flow
             t0 = time.perf_counter()
             write_batch(batch, self.settings.landing_dir / f"{self.source.name}-{start.strftime('%Y%m%dT%H%M')}.parquet")
@@ -269,10 +313,12 @@ def run_replay(source: ReplaySource, root: Path, cfg: ReplayConfig, progress=Non
 
     t0 = time.perf_counter()
     results = {}
+    root.mkdir(parents=True, exist_ok=True)
+    baselines = BaselineCache(root / "baseline_aucs.json")
     for policy in cfg.policies:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-        results[policy] = PolicyRun(policy, source, root, cfg).run(progress)
+        results[policy] = PolicyRun(policy, source, root, cfg, baselines).run(progress)
     meta = {"source": source.name, "batches": len(source.batches), "drift_at": None if source.drift_at is None
             else str(source.drift_at), "config": {k: v for k, v in asdict(cfg).items()},
             "seconds": round(time.perf_counter() - t0, 1)}

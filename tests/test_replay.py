@@ -122,3 +122,23 @@ def test_policy_workspace_carries_the_overrides_for_the_flows(tmp_path):
     s = load_settings(tmp_path / "drift")  # what a flow sees
     assert s.model_name == "recs" and s.retrain.eval_days == 1.5 and s.gates.group_columns == ["gender"]
     assert s.monitor.cooldown_minutes == 0 and s.monitor.min_new_events == 20
+
+
+def test_baselines_are_scored_per_batch_and_compared_on_the_champions_batches(settings, small_world):
+    from replay.report import baseline_rows
+    from replay.runner import baseline_aucs
+
+    ev = small_world.events.sort_values("timestamp").reset_index(drop=True)
+    cut = ev["timestamp"].iloc[int(len(ev) * 0.8)]
+    history, batch = ev[ev["timestamp"] < cut], ev[ev["timestamp"] >= cut]
+    aucs = baseline_aucs(settings, batch, history, small_world.catalog)
+    assert set(aucs) == {"statistics-lr", "fresh-popularity", "popularity", "mf"}
+    assert aucs["statistics-lr"] > 0.55  # the statistics carry signal on this world: a real, fitted baseline
+    assert baseline_aucs(settings, batch, history.iloc[0:0], small_world.catalog) == {}  # nothing to fit on yet
+
+    recs = _records([None, 0.6, 0.7], retrain_at=(0,), promoted_at=(0,))
+    for r, b in zip(recs, ({"statistics-lr": 0.9}, {"statistics-lr": 0.8, "mf": 0.5}, {"statistics-lr": 0.6})):
+        r["baselines"] = b
+    row = summarize("never", recs)
+    assert row["best_baseline"] == "statistics-lr" and row["best_baseline_auc"] == pytest.approx(0.7)  # batches 1, 2
+    assert baseline_rows({"never": recs})[1]["mean_auc"] == pytest.approx((0.9 + 0.8 + 0.6) / 3)
