@@ -111,14 +111,15 @@ def evaluation(frame: pd.DataFrame, scores: np.ndarray, version: str):
 def run_size(design: Design, n_events: int, repeats: int, seed: int, settings, full_checks: int) -> dict:
     """Judge the three candidates of ``repeats`` simulated eval sets.
 
-    The champion rule is computed by the gates' own code (:func:`models.gates.bootstrap_aucs`
+    The champion rule is computed by the gates' own code (:func:`models.bootstrap.bootstrap_aucs`
     with the default resampling, then :func:`models.gates.champion_rule`), sharing one set of
     resamples across the three candidates, as ``decide_promotion`` shares them across models.
     For the first ``full_checks`` eval sets every candidate also goes through
     ``decide_promotion`` itself (all default rules, with a baseline and two group columns):
     its interval must be identical, and any other rule that rejects is counted.
     """
-    from models.gates import bootstrap_aucs, champion_rule, decide_promotion
+    from models.bootstrap import bootstrap_aucs
+    from models.gates import champion_rule, decide_promotion
 
     g = settings
     rng = np.random.default_rng(seed)

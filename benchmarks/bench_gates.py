@@ -37,8 +37,9 @@ def scored_events(rng, n: int, n_users: int, users: pd.DataFrame) -> pd.DataFram
 
 
 def main() -> None:
+    from models.bootstrap import paired_bootstrap_auc
     from models.evaluate import Evaluation, auc, evaluate_scores
-    from models.gates import decide_promotion, paired_bootstrap_auc
+    from models.gates import decide_promotion
     from recloop.settings import GateSettings
 
     ap = argparse.ArgumentParser()

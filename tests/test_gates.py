@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from scipy.stats import norm
 
+from models.bootstrap import bootstrap_aucs, paired_bootstrap_auc
 from models.evaluate import (
     MISSING_GROUP,
     Evaluation,
@@ -23,13 +24,7 @@ from models.evaluate import (
     evaluate_scores,
     group_column,
 )
-from models.gates import (
-    GateDecision,
-    bootstrap_aucs,
-    decide_promotion,
-    pair_scores,
-    paired_bootstrap_auc,
-)
+from models.gates import GateDecision, decide_promotion, pair_scores
 from recloop.settings import GateSettings, load_settings
 
 G = GateSettings()
