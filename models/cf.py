@@ -1,0 +1,272 @@
+"""Collaborative and population-prior features for the ranker (:mod:`models.ranker`).
+
+Three kinds of signal the towers' linear head does not have, each computable both
+point-in-time over a history (training, offline scoring) and "as of now" from
+:class:`models.features.ServingStats` (the serving fast path), with equal results:
+
+* ``cat_like_rate`` / ``cat_log_count`` - the **population** like-rate of the candidate's
+  category (all users), smoothed towards the prior, as log-odds, and its log event count.
+  Point-in-time exactly like the wide features: a row at t sees events older than t - lag.
+* ``text_prior`` - a linear text -> like-rate head: ridge regression from the item's encoder
+  vector to its smoothed like-rate log-odds, fitted on the items of the fit part (weighted by
+  their event counts). It says "how much do people like items *like this*", so a new item
+  (no events) still carries a population prior; a new user meeting a new item has it too.
+* ``cf_rate`` / ``cf_log_support`` - item-item collaborative filtering on explicit feedback:
+  over the user's last ``history_len`` positives p (point-in-time, with the lag: the same
+  history the user tower reads) and the candidate c, ``K[p, c]`` = users of the fit part who
+  liked p and liked c, ``N[p, c]`` = users who liked p and had any event on c;
+  ``cf_rate`` = log-odds of (sum K + s * prior) / (sum N + s), ``cf_log_support`` = log1p(sum N).
+  "People who liked what you liked, how did they find this item?" - with the fit part's
+  counts frozen, so the rows the ranker is fitted on (a later part) never see their own label.
+* ``stats_logit`` - a standardised logistic regression on the wide point-in-time statistics
+  (``WIDE_COLUMNS``), fitted on the fit part's rows: it carries what the whole (larger) fit part
+  says about the statistics into the ranker, which only sees the later, out-of-sample part.
+
+The fitted parts (:class:`CollabModel`) are the co-occurrence counts (sorted composite keys
+``p * n + c``, looked up with ``np.searchsorted``: no Python loop per row) and the text head;
+they are saved as safetensors + JSON (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.features import (
+    SMOOTHING,
+    UNKNOWN_CATEGORY,
+    ServingStats,
+    _codes,
+    _counts_before,
+    _rate,
+    _times_ns,
+    lag_ns,
+)
+
+CF_COLUMNS: tuple[str, ...] = ("cat_like_rate", "cat_log_count", "text_prior", "cf_rate", "cf_log_support",
+                               "stats_logit")
+MAX_PAIRS = 30_000_000  # co-occurrence pairs kept at most (the ones with the most support)
+
+
+def category_counts(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame, lag=None):
+    """(events, positives) of each row's item category over **all users**, from ``history`` events
+    older than the row's time - ``lag`` (rows without a timestamp: every event with a time).
+
+    Categories as in :func:`models.features.point_in_time_features`: the catalog's (last row wins,
+    missing -> ``<none>``), items not in the catalog -> ``<unknown>``.
+    """
+    rows = rows.reset_index(drop=True)
+    n = len(rows)
+    if n == 0 or len(history) == 0:
+        return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    history = history.reset_index(drop=True)
+    row_t = _times_ns(rows["timestamp"] if "timestamp" in rows.columns else None, n)
+    lag = lag_ns(lag)
+    seen_t = np.where(row_t == np.iinfo(np.int64).max, row_t, row_t - lag) if lag else row_t
+    hist_t = _times_ns(history["timestamp"], len(history))
+    labels = history["label"].to_numpy(dtype=np.int64, na_value=0)
+    uniq, inv = np.unique(np.concatenate([hist_t, seen_t]), return_inverse=True)
+    hist_r, row_r = inv[: len(hist_t)].astype(np.int64), inv[len(hist_t):].astype(np.int64)
+    base = np.int64(len(uniq) + 1)
+    cat_map = pd.Series(catalog["category"].astype("string").fillna("<none>").to_numpy()
+                        if "category" in catalog.columns else np.full(len(catalog), "<none>", dtype=object),
+                        index=catalog["item_id"].astype("string").to_numpy())
+    cat_map = cat_map[~cat_map.index.duplicated(keep="last")]
+    row_cat = rows["item_id"].astype("string").map(cat_map).fillna(UNKNOWN_CATEGORY)
+    hist_cat = history["item_id"].astype("string").map(cat_map).fillna(UNKNOWN_CATEGORY)
+    row_c, hist_c = _codes(row_cat, hist_cat)
+    c_n, c_pos, _, _ = _counts_before(hist_c, hist_r, labels, row_c, row_r, base)
+    return c_n.astype(np.int64), c_pos.astype(np.int64)
+
+
+def serving_category_counts(stats: ServingStats) -> tuple[np.ndarray, np.ndarray]:
+    """(events, positives) per category code of ``stats`` (every user): index with ``stats.item_cat``."""
+    k = len(stats.categories)
+    if stats.n_items == 0:
+        return np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
+    n = np.bincount(stats.item_cat, weights=stats.item_n, minlength=k).round().astype(np.int64)
+    pos = np.bincount(stats.item_cat, weights=stats.item_n_pos, minlength=k).round().astype(np.int64)
+    return n, pos
+
+
+def _logit(p):
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
+
+
+@dataclass(eq=False)
+class CollabModel:
+    """Fitted item-item co-occurrence counts + the text -> like-rate head (see the module doc)."""
+
+    item_ids: list  # the fit part's items: row / column index of the counts
+    keys: np.ndarray  # int64 sorted p * n_items + c
+    k: np.ndarray  # float32 co-likes
+    n: np.ndarray  # float32 co-events
+    text_w: np.ndarray  # float32 [d] text head weights
+    text_b: float
+    prior: float
+    wide_mean: np.ndarray | None = None  # float64 [n_wide]: the statistics head (None: 0)
+    wide_scale: np.ndarray | None = None
+    wide_coef: np.ndarray | None = None
+    wide_b: float = 0.0
+
+    def __post_init__(self):
+        self.item_pos = {str(x): j for j, x in enumerate(self.item_ids)}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    # ---------------------------------------------------------------- fitting
+    @classmethod
+    def fit(cls, events: pd.DataFrame, text_vectors, prior: float, wide: np.ndarray | None = None,
+            max_pairs: int = MAX_PAIRS) -> CollabModel:
+        """Counts, text head and statistics head from ``events`` (the fit part: every event counts).
+
+        ``text_vectors(item_ids) -> np.ndarray [n, d]``: the encoder vectors of items (for the text head);
+        ``wide``: the point-in-time ``WIDE_COLUMNS`` of ``events``' rows, in their order (statistics head).
+        """
+        from scipy import sparse
+
+        prior = float(np.clip(prior, 0.01, 0.99))
+        users = events["user_id"].astype(str).to_numpy(dtype=object)
+        items = events["item_id"].astype(str).to_numpy(dtype=object)
+        labels = events["label"].to_numpy(dtype=np.int64)
+        u_code, _u = pd.factorize(pd.Series(users, dtype=object), sort=True)
+        i_code, item_ids = pd.factorize(pd.Series(items, dtype=object), sort=True)
+        item_ids = [str(x) for x in item_ids]
+        nu, ni = len(_u), len(item_ids)
+        # one cell per (user, item): "had an event" and "liked it at least once"
+        a = sparse.csr_matrix((np.ones(len(u_code)), (u_code, i_code)), shape=(nu, ni))
+        a.data[:] = 1.0
+        liked = sparse.csr_matrix((labels.astype(np.float64), (u_code, i_code)), shape=(nu, ni))
+        liked.data = (liked.data > 0).astype(np.float64)
+        liked.eliminate_zeros()
+        k_mat = (liked.T @ liked).tocoo()
+        n_mat = (liked.T @ a).tocsr()
+        n_coo = n_mat.tocoo()
+        keys = n_coo.row.astype(np.int64) * ni + n_coo.col.astype(np.int64)
+        nn = n_coo.data.astype(np.float64)
+        off_diag = n_coo.row != n_coo.col
+        keys, nn = keys[off_diag], nn[off_diag]
+        if len(keys) > max_pairs:  # keep the best-supported pairs (deterministic: stable by key)
+            keep = np.sort(np.argsort(-nn, kind="stable")[:max_pairs])
+            keys, nn = keys[keep], nn[keep]
+        order = np.argsort(keys, kind="stable")
+        keys, nn = keys[order], nn[order]
+        k_keys = k_mat.row.astype(np.int64) * ni + k_mat.col.astype(np.int64)
+        kk = np.zeros(len(keys))
+        if len(k_keys) and len(keys):
+            idx = np.clip(np.searchsorted(keys, k_keys), 0, len(keys) - 1)
+            hit = keys[idx] == k_keys
+            np.add.at(kk, idx[hit], k_mat.data[hit])
+        # text head: ridge from the item's text vector to its smoothed like-rate log-odds
+        cnt = np.bincount(i_code, minlength=ni).astype(np.float64)
+        pos = np.bincount(i_code, weights=labels, minlength=ni)
+        y = _logit((pos + SMOOTHING * prior) / (cnt + SMOOTHING))
+        vecs = np.asarray(text_vectors(item_ids), dtype=np.float64)
+        w, b = _ridge(vecs, y, cnt / (cnt + SMOOTHING), _logit(prior))
+        head = _logistic(wide, labels) if wide is not None else (None, None, None, 0.0)
+        return cls(item_ids, keys, kk.astype(np.float32), nn.astype(np.float32), w.astype(np.float32), float(b),
+                   prior, *head)
+
+    # ---------------------------------------------------------------- features
+    def index_of(self, item_ids) -> np.ndarray:
+        """Count index per item id (-1: not in the fit part)."""
+        get = self.item_pos.get
+        return np.fromiter((get(str(i), -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def text_prior(self, text_vecs: np.ndarray) -> np.ndarray:
+        """The text head's like-rate log-odds per vector (row by row: the same value whatever the batch)."""
+        v = np.asarray(text_vecs, dtype=np.float64).reshape(-1, len(self.text_w))
+        return ((v * self.text_w.astype(np.float64)).sum(axis=1) + self.text_b).astype(np.float32)
+
+    def pair_counts(self, hist: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sum K, sum N) of each row's history items ``hist`` [n, H] (count indices, -1 = none) x ``cand`` [n]."""
+        hist = np.asarray(hist, dtype=np.int64).reshape(len(cand), -1)
+        cand = np.asarray(cand, dtype=np.int64)
+        valid = (hist >= 0) & (cand >= 0)[:, None] & (hist != cand[:, None])
+        if not len(self.keys) or not valid.any():
+            return np.zeros(len(cand)), np.zeros(len(cand))
+        q = hist * np.int64(self.n_items) + cand[:, None]
+        idx = np.clip(np.searchsorted(self.keys, q), 0, len(self.keys) - 1)
+        hit = valid & (self.keys[idx] == q)
+        k = np.where(hit, self.k[idx], 0.0).sum(axis=1, dtype=np.float64)
+        n = np.where(hit, self.n[idx], 0.0).sum(axis=1, dtype=np.float64)
+        return k, n
+
+    def stats_logit(self, wide: np.ndarray) -> np.ndarray:
+        """The statistics head's log-odds per row of ``WIDE_COLUMNS`` (row by row, batch-independent)."""
+        wide = np.asarray(wide, dtype=np.float64)
+        if self.wide_coef is None:
+            return np.zeros(len(wide))
+        return (((wide - self.wide_mean) / self.wide_scale) * self.wide_coef).sum(axis=1) + self.wide_b
+
+    def features(self, hist: np.ndarray, cand: np.ndarray, cat_n: np.ndarray, cat_pos: np.ndarray,
+                 text_prior: np.ndarray, prior: float, wide: np.ndarray) -> np.ndarray:
+        """``CF_COLUMNS`` [n, 6] float32. ``hist``/``cand``: count indices (:meth:`index_of`);
+        ``cat_n``/``cat_pos``: population counts of the row's category; ``text_prior``: :meth:`text_prior`
+        of the candidate; ``prior``: the model's prior; ``wide``: the rows' ``WIDE_COLUMNS``."""
+        prior = float(np.clip(prior, 0.01, 0.99))
+        k, n = self.pair_counts(hist, cand)
+        return np.stack([
+            _rate(np.asarray(cat_pos), np.asarray(cat_n), prior), np.log1p(np.asarray(cat_n, dtype=np.float64)),
+            np.asarray(text_prior, dtype=np.float64), _rate(k, n, prior), np.log1p(n), self.stats_logit(wide),
+        ], axis=1).astype(np.float32)
+
+    # ---------------------------------------------------------------- persistence (no pickle)
+    def save(self, directory: str | Path, prefix: str = "collab") -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        tensors = {"keys": torch.as_tensor(self.keys), "k": torch.as_tensor(self.k), "n": torch.as_tensor(self.n),
+                   "text_w": torch.as_tensor(self.text_w)}
+        if self.wide_coef is not None:
+            tensors.update({f"wide_{k}": torch.as_tensor(np.asarray(getattr(self, f"wide_{k}"), dtype=np.float64))
+                            for k in ("mean", "scale", "coef")})
+        save_file(tensors, str(d / f"{prefix}.safetensors"))
+        (d / f"{prefix}.json").write_text(json.dumps({"item_ids": list(self.item_ids), "text_b": self.text_b,
+                                                      "prior": self.prior, "wide_b": self.wide_b}),
+                                          encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path, prefix: str = "collab") -> CollabModel:
+        from safetensors.numpy import load_file
+
+        d = Path(directory)
+        t = load_file(str(d / f"{prefix}.safetensors"))
+        meta = json.loads((d / f"{prefix}.json").read_text(encoding="utf-8"))
+        return cls(meta["item_ids"], t["keys"], t["k"], t["n"], t["text_w"], float(meta["text_b"]),
+                   float(meta["prior"]), t.get("wide_mean"), t.get("wide_scale"), t.get("wide_coef"),
+                   float(meta.get("wide_b", 0.0)))
+
+
+def _logistic(x: np.ndarray, y: np.ndarray):
+    """(mean, scale, coef, intercept) of a standardised L2 logistic regression (as ``StatisticsBaseline``)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.int64)
+    mean = x.mean(axis=0)
+    sd = x.std(axis=0)
+    scale = np.where(sd > 1e-12, sd, 1.0)
+    if len(np.unique(y)) < 2:
+        return mean, scale, np.zeros(x.shape[1]), float(_logit(np.clip(y.mean() if len(y) else 0.5, 0.01, 0.99)))
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(C=1.0, max_iter=1000).fit((x - mean) / scale, y)
+    return mean, scale, lr.coef_.reshape(-1).astype(np.float64), float(lr.intercept_[0])
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, w: np.ndarray, default: float) -> tuple[np.ndarray, float]:
+    """Weighted ridge (L2 chosen by generalised cross-validation); a constant when it cannot be fitted."""
+    d = x.shape[1] if x.ndim == 2 else 0
+    if len(y) < 5 or d == 0 or float(w.sum()) <= 0:
+        return np.zeros(d), float(np.average(y, weights=w) if len(y) and w.sum() > 0 else default)
+    from sklearn.linear_model import RidgeCV
+
+    m = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(x, y, sample_weight=w)
+    return np.asarray(m.coef_, dtype=np.float64).reshape(-1), float(m.intercept_)

@@ -1,0 +1,152 @@
+"""The second stage: a ranker that fuses the towers with statistics, collaborative signals and priors.
+
+Two-stage design: the Lightning BERT two-tower retrieves (and reads text: cold items, queries);
+the ranker re-scores with ``RANKER_COLUMNS`` = [tower logit, tower cosine, the wide
+point-in-time statistics (``WIDE_COLUMNS``), ``models.cf.CF_COLUMNS`` (population category
+like-rate, text -> like-rate prior, item-item CF over the user's recent positives)].
+
+**Stacking** (:func:`models.train.train_recommender`): the selection run trains the towers on the
+train part; the ranker is fitted on the *validation* part - rows the towers and the collaborative
+counts never saw - with point-in-time features (the feature lag) and the selection towers'
+scores; then the towers (and the counts, the text head) are refit on train + validation and the
+ranker is applied on top. No row's own label reaches its features.
+
+Kinds: ``"lightgbm"`` (default): LightGBM trees, binary objective, monotone increasing in the
+like-rate features, the round count chosen by early stopping on a time-ordered tail of the rows
+(the tail AUC of a logistic regression on the same columns is recorded beside it); saved in
+LightGBM's own text model format + JSON. ``"logistic"``: a standardised L2 logistic regression on
+the same columns, JSON. Never pickle. Measured (see ``benchmarks/RESULTS.md`` / the session
+report): trees boosted from the linear logit (``init_score``) lost 0.027 AUC on the synthetic
+default world against plain trees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.cf import CF_COLUMNS
+from models.features import WIDE_COLUMNS
+
+TOWER_COLUMNS: tuple[str, ...] = ("tower_logit", "tower_cos")
+RANKER_COLUMNS: tuple[str, ...] = TOWER_COLUMNS + WIDE_COLUMNS + CF_COLUMNS
+# more of these never means a lower like-probability, all else equal (a principled shape constraint)
+MONOTONE_UP = ("tower_logit", "tower_cos", "user_like_rate", "item_like_rate", "user_cat_rate", "cat_like_rate",
+               "text_prior", "cf_rate", "stats_logit")
+MIN_ROWS = 200  # fewer out-of-sample rows (or a single class): no ranker, the towers score alone
+
+LGB_PARAMS = {
+    "objective": "binary", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 40,
+    "feature_fraction": 0.9, "lambda_l2": 1.0, "max_bin": 127, "verbose": -1, "deterministic": True,
+    "force_row_wise": True, "num_threads": 1,
+}
+
+
+def ranker_matrix(logit, cos, wide, cf) -> np.ndarray:
+    """The ranker's input [n, len(RANKER_COLUMNS)] float32 (one function for training and every scoring path)."""
+    n = len(logit)
+    return np.concatenate([np.asarray(logit, dtype=np.float32).reshape(n, 1),
+                           np.asarray(cos, dtype=np.float32).reshape(n, 1),
+                           np.asarray(wide, dtype=np.float32).reshape(n, -1),
+                           np.asarray(cf, dtype=np.float32).reshape(n, -1)], axis=1)
+
+
+class Ranker:
+    """A fitted fusion model over ``RANKER_COLUMNS``: :meth:`logit` of a feature matrix."""
+
+    def __init__(self, kind: str, columns=RANKER_COLUMNS, booster=None, mean=None, scale=None, coef=None,
+                 intercept: float = 0.0, info: dict | None = None):
+        if kind not in ("lightgbm", "logistic"):
+            raise ValueError(f"unknown ranker kind {kind!r}")
+        self.kind, self.columns = kind, tuple(columns)
+        self.booster = booster
+        self.mean, self.scale, self.coef, self.intercept = mean, scale, coef, float(intercept)
+        self.info = dict(info or {})
+
+    # ---------------------------------------------------------------- fitting
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, kind: str = "lightgbm", seed: int = 0,
+            columns=RANKER_COLUMNS, tail: float = 0.2, max_rounds: int = 600) -> Ranker:
+        """Fit on rows ``x`` (time-ordered, out-of-sample for whatever produced the features) and labels ``y``."""
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        linear = cls._fit_logistic(x, y, columns)
+        if kind == "logistic":
+            return linear
+        import lightgbm as lgb
+
+        from models.evaluate import auc
+
+        params = {**LGB_PARAMS, "seed": int(seed),
+                  "monotone_constraints": [1 if c in MONOTONE_UP else 0 for c in columns]}
+        cut = round(len(y) * (1 - tail))
+        rounds, tail = 0, {}
+        if 0 < cut < len(y) and len(np.unique(y[:cut])) == 2 and len(np.unique(y[cut:])) == 2:
+            head = cls._fit_logistic(x[:cut], y[:cut], columns)
+            fit = lgb.Dataset(x[:cut], y[:cut], feature_name=list(columns), free_raw_data=False)
+            val = lgb.Dataset(x[cut:], y[cut:], reference=fit)
+            b = lgb.train(params, fit, max_rounds, valid_sets=[val],
+                          callbacks=[lgb.early_stopping(40, verbose=False)])
+            best = max(int(b.best_iteration or 0), 10)
+            tail = {"tail_auc_linear": auc(y[cut:], head.logit(x[cut:])),
+                    "tail_auc": auc(y[cut:], b.predict(x[cut:], num_iteration=best, raw_score=True))}
+            rounds = round(best * len(y) / cut)  # all rows: proportionally more rounds
+        else:
+            rounds = 50
+        booster = lgb.train(params, lgb.Dataset(x, y, feature_name=list(columns)), rounds)
+        return cls("lightgbm", columns, booster=booster, mean=linear.mean, scale=linear.scale, coef=linear.coef,
+                   intercept=linear.intercept, info={"rounds": rounds, "n_rows": len(y), **tail})
+
+    @classmethod
+    def _fit_logistic(cls, x, y, columns) -> Ranker:
+        from sklearn.linear_model import LogisticRegression
+
+        x = x.astype(np.float64)
+        mean = x.mean(axis=0)
+        sd = x.std(axis=0)
+        scale = np.where(sd > 1e-12, sd, 1.0)
+        lr = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, y)
+        return cls("logistic", columns, mean=mean, scale=scale, coef=lr.coef_.reshape(-1).astype(np.float64),
+                   intercept=float(lr.intercept_[0]), info={"n_rows": len(y)})
+
+    # ---------------------------------------------------------------- scoring
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if len(x) == 0:
+            return np.empty(0, dtype=np.float64)
+        if self.booster is not None:
+            return np.asarray(self.booster.predict(x, raw_score=True, num_threads=1), dtype=np.float64)
+        # row by row (elementwise product + a per-row sum): the same value whatever the batch
+        return (((x.astype(np.float64) - self.mean) / self.scale) * self.coef).sum(axis=1) + self.intercept
+
+    def importance(self) -> dict[str, float]:
+        if self.booster is None:
+            return dict(zip(self.columns, map(float, self.coef)))
+        gain = self.booster.feature_importance("gain")
+        total = float(gain.sum()) or 1.0
+        return {c: float(g) / total for c, g in zip(self.columns, gain)}
+
+    # ---------------------------------------------------------------- persistence (no pickle)
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        meta = {"kind": self.kind, "columns": list(self.columns), "info": self.info, "mean": self.mean.tolist(),
+                "scale": self.scale.tolist(), "coef": self.coef.tolist(), "intercept": self.intercept,
+                "trees": self.booster is not None}
+        if self.booster is not None:
+            (d / "ranker.txt").write_text(self.booster.model_to_string(), encoding="utf-8")
+        (d / "ranker.json").write_text(json.dumps(meta, default=float), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Ranker:
+        d = Path(directory)
+        meta = json.loads((d / "ranker.json").read_text(encoding="utf-8"))
+        booster = None
+        if meta.get("trees"):
+            import lightgbm as lgb
+
+            booster = lgb.Booster(model_str=(d / "ranker.txt").read_text(encoding="utf-8"))
+        return cls(meta["kind"], meta["columns"], booster=booster, mean=np.asarray(meta["mean"]),
+                   scale=np.asarray(meta["scale"]), coef=np.asarray(meta["coef"]), intercept=meta["intercept"],
+                   info=meta.get("info"))
