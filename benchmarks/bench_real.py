@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
         print(f"  {f}  sha256 {sha256(cache / f)[:16]}")
     if args.train:
         res = train(cache, tuple(float(x) for x in args.lags.split(",")),
-                    ranker=None if args.ranker == "none" else args.ranker)
+                    ranker=args.ranker)
         _print_holdout(res)
         if not (args.retrain or args.replay):
             return res

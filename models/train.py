@@ -273,23 +273,23 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
                       *, fast_dev_run: bool | int = False, max_epochs: int | None = None,
                       progress_bar: bool = False, run_dir: str | Path | None = None,
                       callbacks: list[Callback] | None = None, refit_full: bool | None = None,
-                      ranker: str | None = "lightgbm") -> TrainedModel:
+                      ranker: str | None = None) -> TrainedModel:
     """Train on ``events`` (a store window): choose the epoch count on the validation part, then
     (``refit_full``, default ``settings.retrain.refit_full``) refit on the whole window; see the module doc.
 
-    ``ranker`` ("lightgbm" | "logistic" | None): the second stage (:mod:`models.ranker`), fitted by
+    ``ranker`` ("lightgbm" | "logistic" | "none"; None = ``settings.training.ranker``): the second stage
+    (:mod:`models.ranker`), fitted by
     stacking on the validation part with the selection run's towers; skipped (the towers score
     alone) without one or with fewer than ``MIN_ROWS`` validation rows or a single class there.
 
     ``callbacks`` are added to both fits (the refit has no validation). ``users`` is accepted
-    for the contract but not used as model input: group attributes are for fairness evaluation
-    only (``settings.training.use_group_features`` is not implemented and raises).
+    for the contract but never used as model input: group attributes are for fairness evaluation only.
     """
     cfg = settings.training
-    if cfg.use_group_features:
-        raise NotImplementedError("use_group_features=True is not supported: group attributes are evaluation-only")
     kind, _ = parse_mode(cfg.mode)
     refit = bool(settings.retrain.refit_full if refit_full is None else refit_full)
+    ranker = cfg.ranker if ranker is None else ranker
+    ranker = None if ranker == "none" else ranker
     lag = settings.feature_lag
     _quiet_lightning()
     t0 = time.perf_counter()

@@ -13,8 +13,7 @@ dislike        0      explicit negative
 =============  =====  ==============================================
 
 User group attributes (``gender``, ``age_bucket``, ...) are for fairness
-evaluation only and are never model inputs unless
-``settings.training.use_group_features`` says so.
+evaluation only and are never model inputs.
 """
 
 from __future__ import annotations

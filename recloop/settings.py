@@ -64,7 +64,7 @@ class TrainingSettings(BaseModel):
     devices: int | str = "auto"
     strategy: str = "auto"  # "ddp" for several GPUs or nodes
     seed: int = 42
-    use_group_features: bool = False  # group attributes are for fairness evaluation only
+    ranker: Literal["lightgbm", "logistic", "none"] = "lightgbm"  # second stage over towers + statistics + CF
     fit_threads: int = 0  # torch CPU threads while fitting the heads; 0 = auto (1 in frozen mode: small ops, shared cores)
 
 

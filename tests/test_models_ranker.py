@@ -198,7 +198,7 @@ def test_logistic_ranker_and_no_ranker(tmp_path, tiny_encoder, split, world):
     np.testing.assert_allclose(Recommender.load(path).score(pairs, world.events, world.catalog),
                                out.model.score(pairs, world.events, world.catalog), rtol=0, atol=1e-12)
     plain = train_recommender(_settings(tmp_path / "b", tiny_encoder, max_epochs=1), train, world.catalog, None,
-                              ranker=None)
+                              ranker="none")
     assert plain.model.ranker is None and plain.ranker is None
     assert not (plain.model.save(tmp_path / "p") / "ranker.json").exists()
 
