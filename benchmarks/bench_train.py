@@ -7,11 +7,9 @@ measured in the same run.
     # CPU default (frozen real MiniLM), the default synthetic world (~38k events) and ~100k events
     .venv/bin/python -m benchmarks.bench_train --preset default
     .venv/bin/python -m benchmarks.bench_train --preset 100k
-    # GPU (not run here: no GPU on this machine)
+    # GPU (run on a lent H200 on 2026-11-29: benchmarks/RESULTS.md, "GPU: training on one NVIDIA H200")
     .venv/bin/python -m benchmarks.bench_train --preset 100k --mode full --precision bf16-mixed --accelerator gpu
-    # MovieLens-100k (not run here: no data): import it, ingest, then train on the store
-    recloop import-movielens /path/to/ml-100k --workspace .ml && recloop ingest --workspace .ml \
-        && recloop train --workspace .ml
+    # MovieLens-100k: benchmarks/bench_real.py --train (fetches it from RecBole's wheel into a cache)
 
 FLOP accounting: transformer layers only (embeddings are lookups), forward = 2 x
 (4h^2 + 2hi) per token per layer + attention scores; a training step (full /
