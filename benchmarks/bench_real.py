@@ -218,8 +218,12 @@ def _print_holdout(res: dict) -> None:
                   f"{ {k: round(v, 3) for k, v in t['age_group_auc'].items()} }")
         rk = r.get("ranker") or {}
         if rk:
-            print(f"    ranker: {rk.get('kind')} on {rk.get('n_rows')} out-of-sample rows, towers AUC there "
-                  f"{rk.get('towers_auc_on_rows', float('nan')):.4f}, rounds {rk.get('rounds')}")
+            print(f"    ranker: {rk.get('kind')} fusion on {rk.get('n_rows')} out-of-sample rows ({rk.get('rows')}), "
+                  f"refit on {rk.get('refit_rows')}, rounds {rk.get('rounds')}; blend on {rk.get('blend_rows')} "
+                  f"validation rows {rk.get('blend')}; validation AUC towers {rk.get('val_auc_towers', float('nan')):.4f}"
+                  f" fusion {rk.get('val_auc_fusion', float('nan')):.4f} blend {rk.get('val_auc_blend', float('nan')):.4f}")
+            imp = sorted((rk.get("importance") or {}).items(), key=lambda kv: -kv[1])
+            print("    fusion importance (gain share): " + ", ".join(f"{k} {v:.3f}" for k, v in imp))
 
 
 def retrain(workspace: Path, reason: str = "bench_real", **settings_overrides) -> dict:

@@ -199,7 +199,8 @@ class StatisticsBaseline:
         f32 = _f32
         u_n, u_pos = np.int64(user_stats.n), np.int64(user_stats.n_pos)
         user = (a[0] * f32(_rate(u_pos, u_n, prior)) + a[1] * f32(np.log1p(u_n))
-                + a[7] * (1.0 if has_query else 0.0))
+                + a[7] * (1.0 if has_query else 0.0)
+                + a[8] * f32(_rate(np.int64(user_stats.recent_pos), np.int64(user_stats.recent_n), prior)))
         per_cat = a[4] * f32(_rate(user_stats.cat_pos, user_stats.cat_n, prior)) + a[5] * f32(np.log1p(user_stats.cat_n))
         known = pos >= 0
         p = np.maximum(pos, 0)

@@ -18,6 +18,14 @@ point-in-time over a history (training, offline scoring) and "as of now" from
   ``cf_rate`` = log-odds of (sum K + s * prior) / (sum N + s), ``cf_log_support`` = log1p(sum N).
   "People who liked what you liked, how did they find this item?" - with the fit part's
   counts frozen, so the rows the ranker is fitted on (a later part) never see their own label.
+* ``knn_resid`` / ``knn_log_weight`` - item-kNN with baselines over the user's last
+  ``KNN_HISTORY`` events of **any** label (point-in-time, with the lag): item-item cosine
+  similarity of "who had an event on it" in the fit part, shrunk by support
+  (``c / (c + KNN_SHRINK)``), the ``KNN_NEIGHBOURS`` most similar items per item kept;
+  ``knn_resid`` = sum s(c, j) * (label_j - fit-part like-rate of j) / (sum |s| + 1): "on items
+  like this one, did you like more or less than people in general?"; ``knn_log_weight`` =
+  log1p(sum |s|). Measured on MovieLens-100k (benchmarks/RESULTS.md): the strongest
+  collaborative signal the ranker has.
 * ``stats_logit`` - a standardised logistic regression on the wide point-in-time statistics
   (``WIDE_COLUMNS``), fitted on the fit part's rows: it carries what the whole (larger) fit part
   says about the statistics into the ranker, which only sees the later, out-of-sample part.
@@ -47,8 +55,11 @@ from models.features import (
     lag_ns,
 )
 
+KNN_NEIGHBOURS = 50  # most similar items kept per item
+KNN_SHRINK = 20.0  # support shrinkage of the cosine: s * c / (c + shrink), c = users who had both
+
 CF_COLUMNS: tuple[str, ...] = ("cat_like_rate", "cat_log_count", "text_prior", "cf_rate", "cf_log_support",
-                               "stats_logit")
+                               "stats_logit", "knn_resid", "knn_log_weight")
 MAX_PAIRS = 30_000_000  # co-occurrence pairs kept at most (the ones with the most support)
 
 
@@ -113,6 +124,9 @@ class CollabModel:
     wide_scale: np.ndarray | None = None
     wide_coef: np.ndarray | None = None
     wide_b: float = 0.0
+    sim_keys: np.ndarray | None = None  # int64 sorted p * n_items + c: the kept kNN neighbour pairs
+    sim: np.ndarray | None = None  # float32 their shrunk cosine similarity
+    item_rate: np.ndarray | None = None  # float32 [n_items] smoothed like-rate of each fit item (the kNN baseline)
 
     def __post_init__(self):
         self.item_pos = {str(x): j for j, x in enumerate(self.item_ids)}
@@ -171,8 +185,10 @@ class CollabModel:
         vecs = np.asarray(text_vectors(item_ids), dtype=np.float64)
         w, b = _ridge(vecs, y, cnt / (cnt + SMOOTHING), _logit(prior))
         head = _logistic(wide, labels) if wide is not None else (None, None, None, 0.0)
+        sim_keys, sim = _knn_similarity(a, KNN_NEIGHBOURS, KNN_SHRINK)
+        item_rate = ((pos + SMOOTHING * prior) / (cnt + SMOOTHING)).astype(np.float32)
         return cls(item_ids, keys, kk.astype(np.float32), nn.astype(np.float32), w.astype(np.float32), float(b),
-                   prior, *head)
+                   prior, *head, sim_keys=sim_keys, sim=sim, item_rate=item_rate)
 
     # ---------------------------------------------------------------- features
     def index_of(self, item_ids) -> np.ndarray:
@@ -199,6 +215,23 @@ class CollabModel:
         n = np.where(hit, self.n[idx], 0.0).sum(axis=1, dtype=np.float64)
         return k, n
 
+    def knn(self, recent: np.ndarray, labels: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(knn_resid, knn_log_weight) of each row's last events ``recent`` [n, H] (count indices, -1 = none)
+        with ``labels`` [n, H] x candidate ``cand`` [n] (count indices)."""
+        cand = np.asarray(cand, dtype=np.int64)
+        recent = np.asarray(recent, dtype=np.int64).reshape(len(cand), -1)
+        labels = np.asarray(labels, dtype=np.float64).reshape(len(cand), -1)
+        valid = (recent >= 0) & (cand >= 0)[:, None] & (recent != cand[:, None])
+        if self.sim_keys is None or not len(self.sim_keys) or not valid.any():
+            return np.zeros(len(cand)), np.zeros(len(cand))
+        q = recent * np.int64(self.n_items) + cand[:, None]
+        idx = np.clip(np.searchsorted(self.sim_keys, q), 0, len(self.sim_keys) - 1)
+        hit = valid & (self.sim_keys[idx] == q)
+        w = np.where(hit, self.sim[idx], 0.0).astype(np.float64)
+        resid = labels - self.item_rate[np.maximum(recent, 0)]
+        weight = np.abs(w).sum(axis=1)
+        return (w * resid).sum(axis=1) / (weight + 1.0), np.log1p(weight)
+
     def stats_logit(self, wide: np.ndarray) -> np.ndarray:
         """The statistics head's log-odds per row of ``WIDE_COLUMNS`` (row by row, batch-independent)."""
         wide = np.asarray(wide, dtype=np.float64)
@@ -207,15 +240,22 @@ class CollabModel:
         return (((wide - self.wide_mean) / self.wide_scale) * self.wide_coef).sum(axis=1) + self.wide_b
 
     def features(self, hist: np.ndarray, cand: np.ndarray, cat_n: np.ndarray, cat_pos: np.ndarray,
-                 text_prior: np.ndarray, prior: float, wide: np.ndarray) -> np.ndarray:
-        """``CF_COLUMNS`` [n, 6] float32. ``hist``/``cand``: count indices (:meth:`index_of`);
+                 text_prior: np.ndarray, prior: float, wide: np.ndarray, recent: np.ndarray | None = None,
+                 recent_labels: np.ndarray | None = None) -> np.ndarray:
+        """``CF_COLUMNS`` [n, 8] float32. ``hist``/``cand``: count indices (:meth:`index_of`);
         ``cat_n``/``cat_pos``: population counts of the row's category; ``text_prior``: :meth:`text_prior`
-        of the candidate; ``prior``: the model's prior; ``wide``: the rows' ``WIDE_COLUMNS``."""
+        of the candidate; ``prior``: the model's prior; ``wide``: the rows' ``WIDE_COLUMNS``;
+        ``recent`` / ``recent_labels``: the user's last events (count indices) and labels (:meth:`knn`)."""
         prior = float(np.clip(prior, 0.01, 0.99))
         k, n = self.pair_counts(hist, cand)
+        if recent is None:
+            kr, kw = np.zeros(len(k)), np.zeros(len(k))
+        else:
+            kr, kw = self.knn(recent, recent_labels, cand)
         return np.stack([
             _rate(np.asarray(cat_pos), np.asarray(cat_n), prior), np.log1p(np.asarray(cat_n, dtype=np.float64)),
             np.asarray(text_prior, dtype=np.float64), _rate(k, n, prior), np.log1p(n), self.stats_logit(wide),
+            kr, kw,
         ], axis=1).astype(np.float32)
 
     # ---------------------------------------------------------------- persistence (no pickle)
@@ -226,6 +266,9 @@ class CollabModel:
         d = Path(directory)
         tensors = {"keys": torch.as_tensor(self.keys), "k": torch.as_tensor(self.k), "n": torch.as_tensor(self.n),
                    "text_w": torch.as_tensor(self.text_w)}
+        if self.sim_keys is not None:
+            tensors.update({"sim_keys": torch.as_tensor(self.sim_keys), "sim": torch.as_tensor(self.sim),
+                            "item_rate": torch.as_tensor(self.item_rate)})
         if self.wide_coef is not None:
             tensors.update({f"wide_{k}": torch.as_tensor(np.asarray(getattr(self, f"wide_{k}"), dtype=np.float64))
                             for k in ("mean", "scale", "coef")})
@@ -243,7 +286,27 @@ class CollabModel:
         meta = json.loads((d / f"{prefix}.json").read_text(encoding="utf-8"))
         return cls(meta["item_ids"], t["keys"], t["k"], t["n"], t["text_w"], float(meta["text_b"]),
                    float(meta["prior"]), t.get("wide_mean"), t.get("wide_scale"), t.get("wide_coef"),
-                   float(meta.get("wide_b", 0.0)))
+                   float(meta.get("wide_b", 0.0)), t.get("sim_keys"), t.get("sim"), t.get("item_rate"))
+
+
+def _knn_similarity(had, neighbours: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """Item-item cosine of the users x items 0/1 matrix ``had``, times c / (c + shrink) (c = co-users),
+    the ``neighbours`` largest per item: (sorted keys p * n_items + c, float32 similarities)."""
+    ni = had.shape[1]
+    co = (had.T @ had).tocoo()
+    off = co.row != co.col
+    r, c, v = co.row[off].astype(np.int64), co.col[off].astype(np.int64), co.data[off].astype(np.float64)
+    if not len(v):
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    d = np.sqrt(np.asarray(had.sum(axis=0)).reshape(-1).astype(np.float64))
+    s = v / (d[r] * d[c]) * (v / (v + shrink))
+    order = np.lexsort((c, -s, r))  # per item: most similar first (ties by neighbour id: deterministic)
+    r, c, s = r[order], c[order], s[order]
+    first = np.searchsorted(r, r, side="left")
+    keep = (np.arange(len(r)) - first) < neighbours
+    keys = r[keep] * ni + c[keep]
+    o = np.argsort(keys, kind="stable")
+    return keys[o], s[keep][o].astype(np.float32)
 
 
 def _logistic(x: np.ndarray, y: np.ndarray):

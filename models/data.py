@@ -108,6 +108,9 @@ def example_tensors(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataF
         "hist": torch.as_tensor(feats.history_items),
         "query": torch.as_tensor(q.map(queries).fillna(-1).to_numpy(dtype=np.int64)),
         "wide": torch.as_tensor(feats.wide),
+        # not model inputs of the towers (not in BATCH_KEYS): the ranker's item-kNN features read them
+        "recent_items": torch.as_tensor(feats.recent_items),
+        "recent_labels": torch.as_tensor(feats.recent_labels),
     }
 
 

@@ -33,8 +33,10 @@ import pandas as pd
 
 WIDE_COLUMNS: tuple[str, ...] = (
     "user_like_rate", "user_log_count", "item_like_rate", "item_log_count",
-    "user_cat_rate", "user_cat_log_count", "item_log_age_days", "has_query",
+    "user_cat_rate", "user_cat_log_count", "item_log_age_days", "has_query", "user_recent_rate",
 )
+KNN_HISTORY = 30  # the user's last this-many events (any label) that item-kNN features read (models.cf)
+RECENT_EVENTS = 10  # user_recent_rate: the like-rate of the user's last this-many events (taste and mood drift)
 SMOOTHING = 5.0  # pseudo-events at the prior like-rate
 _NO_TIME = np.iinfo(np.int64).max
 
@@ -44,6 +46,8 @@ class PointInTimeFeatures:
     history_items: np.ndarray  # int64 [n, history_len], -1 = padding
     history_len: np.ndarray  # int64 [n] number of real history items
     wide: np.ndarray  # float32 [n, len(WIDE_COLUMNS)] raw (not standardised)
+    recent_items: np.ndarray | None = None  # int64 [n, KNN_HISTORY] the last events' items (any label), -1 = none
+    recent_labels: np.ndarray | None = None  # int8 [n, KNN_HISTORY] their labels (0 where there is no event)
 
 
 def _times_ns(values, n: int) -> np.ndarray:
@@ -147,7 +151,13 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     row_u, hist_u = _codes(rows["user_id"], history["user_id"])
     row_i, hist_i = _codes(rows["item_id"], history["item_id"])
 
-    u_n, u_pos, _, _ = _counts_before(hist_u, hist_r, labels, row_u, row_r, base)
+    u_n, u_pos, u_order, (u_start, u_end) = _counts_before(hist_u, hist_r, labels, row_u, row_r, base)
+    # the user's last RECENT_EVENTS events before t (ties at one time keep the history's order, as in serving)
+    u_csum = np.concatenate([[0], np.cumsum(labels[u_order], dtype=np.int64)])
+    r_lo = np.maximum(u_end - RECENT_EVENTS, u_start)
+    r_n, r_pos = u_end - r_lo, u_csum[u_end] - u_csum[r_lo]
+    all_items = history["item_id"].astype("string").map(item_index).fillna(-1).to_numpy(dtype=np.int64)[u_order]
+    recent_items, recent_labels = _last_events(all_items, labels[u_order], u_start, u_end, KNN_HISTORY)
     i_n, i_pos, _, _ = _counts_before(hist_i, hist_r, labels, row_i, row_r, base)
 
     # user x category of the row's item
@@ -193,9 +203,21 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
 
     wide = np.stack([
         _rate(u_pos, u_n, prior), np.log1p(u_n), _rate(i_pos, i_n, prior), np.log1p(i_n),
-        _rate(c_pos, c_n, prior), np.log1p(c_n), np.log1p(age_days), has_query,
+        _rate(c_pos, c_n, prior), np.log1p(c_n), np.log1p(age_days), has_query, _rate(r_pos, r_n, prior),
     ], axis=1).astype(np.float32)
-    return PointInTimeFeatures(hist_items, hist_count, wide)
+    return PointInTimeFeatures(hist_items, hist_count, wide, recent_items, recent_labels)
+
+
+def _last_events(items: np.ndarray, labels: np.ndarray, start: np.ndarray, end: np.ndarray, k: int):
+    """Per row, the ``k`` entries before ``end`` (not before ``start``) of the sorted ``items`` / ``labels``,
+    oldest first, right-aligned: ([n, k] int64 items, -1 = none; [n, k] int8 labels)."""
+    idx = end[:, None] + np.arange(-k, 0, dtype=np.int64)[None, :]
+    valid = idx >= start[:, None]
+    if not len(items):
+        return np.full(idx.shape, -1, dtype=np.int64), np.zeros(idx.shape, dtype=np.int8)
+    cl = np.clip(idx, 0, len(items) - 1)
+    return (np.where(valid, items[cl], -1).astype(np.int64),
+            np.where(valid, labels[cl], 0).astype(np.int8))
 
 
 def _rate(pos, cnt, prior: float):
@@ -218,6 +240,10 @@ class UserStats:
     cat_n: np.ndarray  # int64 [n_cat] events per category
     cat_pos: np.ndarray  # int64 [n_cat] positives per category
     positives: np.ndarray  # int64 item positions of the positive events, oldest first (repeats kept)
+    recent_n: int = 0  # of the user's last RECENT_EVENTS events: how many there are
+    recent_pos: int = 0  # ... and how many of them are positive
+    events: np.ndarray | None = None  # int64 item positions of all the user's events, oldest first
+    labels: np.ndarray | None = None  # int64 their labels
 
 
 @dataclass(frozen=True, eq=False)
@@ -336,7 +362,9 @@ class ServingStats:
         cats = self.item_cat[items]
         cat_n = np.bincount(cats, minlength=n_cat).astype(np.int64)
         cat_pos = np.bincount(cats, weights=labels, minlength=n_cat).round().astype(np.int64)
-        return UserStats(str(user_id), e - s, int(labels.sum()), cat_n, cat_pos, items[labels == 1])
+        recent = labels[-RECENT_EVENTS:]
+        return UserStats(str(user_id), e - s, int(labels.sum()), cat_n, cat_pos, items[labels == 1],
+                         len(recent), int(recent.sum()), items, labels)
 
     def positions(self, item_ids) -> np.ndarray:
         """Item positions (-1 for items neither in the catalog nor in the history)."""
@@ -350,6 +378,14 @@ class ServingStats:
         if len(last):
             out[history_len - len(last):] = last
         return out
+
+    def recent_events(self, user: UserStats, k: int = KNN_HISTORY) -> tuple[np.ndarray, np.ndarray]:
+        """``recent_items`` / ``recent_labels`` of :func:`point_in_time_features` for a row without a time: [k]."""
+        if user.events is None or not len(user.events):
+            return np.full(k, -1, dtype=np.int64), np.zeros(k, dtype=np.int8)
+        n = len(user.events)
+        it, lab = _last_events(user.events, user.labels, np.zeros(1, dtype=np.int64), np.full(1, n, dtype=np.int64), k)
+        return it[0], lab[0]
 
     def wide(self, user: UserStats, positions: np.ndarray, has_query: bool, prior: float) -> np.ndarray:
         """``wide`` of :func:`point_in_time_features` for ``user`` x items at ``positions`` (no time)."""
@@ -369,6 +405,7 @@ class ServingStats:
             np.full(n, _rate(u_pos, u_n, prior)), np.full(n, np.log1p(u_n)), _rate(i_pos, i_n, prior),
             np.log1p(i_n), _rate(c_pos, c_n, prior), np.log1p(c_n), age,
             np.full(n, 1.0 if has_query else 0.0),
+            np.full(n, _rate(np.int64(user.recent_pos), np.int64(user.recent_n), prior)),
         ], axis=1).astype(np.float32)
 
 

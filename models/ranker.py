@@ -31,10 +31,12 @@ from models.cf import CF_COLUMNS
 from models.features import WIDE_COLUMNS
 
 TOWER_COLUMNS: tuple[str, ...] = ("tower_logit", "tower_cos")
-RANKER_COLUMNS: tuple[str, ...] = TOWER_COLUMNS + WIDE_COLUMNS + CF_COLUMNS
+FUSION_COLUMNS: tuple[str, ...] = WIDE_COLUMNS + CF_COLUMNS  # what the fusion model reads (no tower scores)
+RANKER_COLUMNS: tuple[str, ...] = TOWER_COLUMNS + FUSION_COLUMNS  # the matrix every scoring path builds
+BLEND_COLUMNS: tuple[str, ...] = ("fusion_logit",) + TOWER_COLUMNS
 # more of these never means a lower like-probability, all else equal (a principled shape constraint)
 MONOTONE_UP = ("tower_logit", "tower_cos", "user_like_rate", "item_like_rate", "user_cat_rate", "cat_like_rate",
-               "text_prior", "cf_rate", "stats_logit")
+               "text_prior", "cf_rate", "stats_logit", "knn_resid", "user_recent_rate")
 MIN_ROWS = 200  # fewer out-of-sample rows (or a single class): no ranker, the towers score alone
 
 LGB_PARAMS = {
@@ -57,13 +59,48 @@ class Ranker:
     """A fitted fusion model over ``RANKER_COLUMNS``: :meth:`logit` of a feature matrix."""
 
     def __init__(self, kind: str, columns=RANKER_COLUMNS, booster=None, mean=None, scale=None, coef=None,
-                 intercept: float = 0.0, info: dict | None = None):
+                 intercept: float = 0.0, info: dict | None = None, blend: dict | None = None):
         if kind not in ("lightgbm", "logistic"):
             raise ValueError(f"unknown ranker kind {kind!r}")
         self.kind, self.columns = kind, tuple(columns)
         self.booster = booster
         self.mean, self.scale, self.coef, self.intercept = mean, scale, coef, float(intercept)
         self.info = dict(info or {})
+        # stacked: the fusion model over FUSION_COLUMNS, then a logistic blend of
+        # [its logit, tower logit, tower cosine] (BLEND_COLUMNS); logit() then takes RANKER_COLUMNS rows
+        self.blend = None if blend is None else {k: (np.asarray(v, dtype=np.float64) if k != "intercept" else
+                                                     float(v)) for k, v in blend.items()}
+
+    def fit_blend(self, fusion_x: np.ndarray, tower_logit, tower_cos, y) -> Ranker:
+        """Blend this (fusion) model with the towers: a standardised logistic regression of ``y`` on
+        [this model's logit of ``fusion_x``, tower logit, tower cosine], on rows out-of-sample for all three."""
+        z = np.stack([self._base_logit(fusion_x), np.asarray(tower_logit, dtype=np.float64),
+                      np.asarray(tower_cos, dtype=np.float64)], axis=1)
+        lin = Ranker._fit_logistic(z.astype(np.float32), np.asarray(y, dtype=np.int64), BLEND_COLUMNS)
+        self.blend = {"mean": lin.mean, "scale": lin.scale, "coef": lin.coef, "intercept": lin.intercept}
+        return self
+
+    def refit(self, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Ranker:
+        """The same model (kind, round count, blend) refit on new rows ``x`` [n, len(columns)]: the refit on
+        the whole window, after the round count was chosen on the earlier part."""
+        x = np.asarray(x, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        linear = self._fit_logistic(x, y, self.columns)
+        booster = None
+        if self.kind == "lightgbm":
+            import lightgbm as lgb
+
+            rounds = int(self.info.get("rounds") or 50)
+            rounds = round(rounds * len(y) / max(int(self.info.get("n_rows") or len(y)), 1))
+            booster = lgb.train(self._params(seed), lgb.Dataset(x, y, feature_name=list(self.columns)),
+                                max(rounds, 10))
+        info = {**self.info, "refit_rows": len(y)}
+        return Ranker(self.kind, self.columns, booster=booster, mean=linear.mean, scale=linear.scale,
+                      coef=linear.coef, intercept=linear.intercept, info=info, blend=self.blend)
+
+    def _params(self, seed: int) -> dict:
+        return {**LGB_PARAMS, "seed": int(seed),
+                "monotone_constraints": [1 if c in MONOTONE_UP else 0 for c in self.columns]}
 
     # ---------------------------------------------------------------- fitting
     @classmethod
@@ -79,8 +116,7 @@ class Ranker:
 
         from models.evaluate import auc
 
-        params = {**LGB_PARAMS, "seed": int(seed),
-                  "monotone_constraints": [1 if c in MONOTONE_UP else 0 for c in columns]}
+        params = cls("lightgbm", columns)._params(seed)
         cut = round(len(y) * (1 - tail))
         rounds, tail = 0, {}
         if 0 < cut < len(y) and len(np.unique(y[:cut])) == 2 and len(np.unique(y[cut:])) == 2:
@@ -113,6 +149,18 @@ class Ranker:
 
     # ---------------------------------------------------------------- scoring
     def logit(self, x: np.ndarray) -> np.ndarray:
+        """Log-odds of rows ``x``: [n, len(RANKER_COLUMNS)] when blended with the towers, else [n, len(columns)]."""
+        x = np.asarray(x, dtype=np.float32)
+        if len(x) == 0:
+            return np.empty(0, dtype=np.float64)
+        if self.blend is None:
+            return self._base_logit(x)
+        nt = len(TOWER_COLUMNS)
+        z = np.stack([self._base_logit(x[:, nt:]), x[:, 0].astype(np.float64), x[:, 1].astype(np.float64)], axis=1)
+        b = self.blend
+        return (((z - b["mean"]) / b["scale"]) * b["coef"]).sum(axis=1) + b["intercept"]
+
+    def _base_logit(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if len(x) == 0:
             return np.empty(0, dtype=np.float64)
@@ -133,7 +181,9 @@ class Ranker:
         d = Path(directory)
         meta = {"kind": self.kind, "columns": list(self.columns), "info": self.info, "mean": self.mean.tolist(),
                 "scale": self.scale.tolist(), "coef": self.coef.tolist(), "intercept": self.intercept,
-                "trees": self.booster is not None}
+                "trees": self.booster is not None,
+                "blend": None if self.blend is None else {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                                                          for k, v in self.blend.items()}}
         if self.booster is not None:
             (d / "ranker.txt").write_text(self.booster.model_to_string(), encoding="utf-8")
         (d / "ranker.json").write_text(json.dumps(meta, default=float), encoding="utf-8")
@@ -149,4 +199,4 @@ class Ranker:
             booster = lgb.Booster(model_str=(d / "ranker.txt").read_text(encoding="utf-8"))
         return cls(meta["kind"], meta["columns"], booster=booster, mean=np.asarray(meta["mean"]),
                    scale=np.asarray(meta["scale"]), coef=np.asarray(meta["coef"]), intercept=meta["intercept"],
-                   info=meta.get("info"))
+                   info=meta.get("info"), blend=meta.get("blend"))

@@ -313,7 +313,10 @@ class Recommender:
         cat_n, cat_pos = category_counts(pairs, history, catalog, lag)
         uniq, inv = np.unique(target, return_inverse=True)
         prior_t = self.collab.text_prior(self.text_vectors([items.texts[p] for p in uniq]).numpy())[inv]
-        cf = self.collab.features(hist_cf, pos_map[target], cat_n, cat_pos, prior_t, self.config["prior"], feats.wide)
+        rec = feats.recent_items
+        rec_cf = np.where(rec >= 0, pos_map[np.maximum(rec, 0)], -1) if len(pos_map) else np.full_like(rec, -1)
+        cf = self.collab.features(hist_cf, pos_map[target], cat_n, cat_pos, prior_t, self.config["prior"], feats.wide,
+                                  rec_cf, feats.recent_labels)
         return _sigmoid(self.ranker.logit(ranker_matrix(logit, cos, feats.wide, cf)))
 
     def item_vectors(self, catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -416,8 +419,13 @@ class Recommender:
             self._cat_cache = cache
         cat = np.where(pos >= 0, stats.item_cat[np.maximum(pos, 0)], stats.unknown_cat) if stats.n_items else \
             np.full(len(pos), stats.unknown_cat, dtype=np.int64)
-        cf = collab.features(np.broadcast_to(hist_cf, (len(pos), len(hist_cf))), collab.index_of(item_ids),
-                             cache[1][cat], cache[2][cat], collab.text_prior(vecs), self.config["prior"], wide)
+        rec, rec_labels = stats.recent_events(context.stats)
+        rec_cf = np.full(len(rec), -1, dtype=np.int64)
+        rec_cf[rec >= 0] = collab.index_of(stats.item_ids[rec[rec >= 0]])
+        n = len(pos)
+        cf = collab.features(np.broadcast_to(hist_cf, (n, len(hist_cf))), collab.index_of(item_ids),
+                             cache[1][cat], cache[2][cat], collab.text_prior(vecs), self.config["prior"], wide,
+                             np.broadcast_to(rec_cf, (n, len(rec_cf))), np.broadcast_to(rec_labels, (n, len(rec_labels))))
         return _sigmoid(self.ranker.logit(ranker_matrix(logits, cos, wide, cf)))
 
     def score_user(self, stats: ServingStats, user_id: str, item_ids, query: str | None = None) -> np.ndarray:

@@ -50,7 +50,7 @@ from models.data import ItemIndex, RecDataModule
 from models.features import WIDE_COLUMNS
 from models.module import RecommenderModule, batch_logits, batch_queries
 from models.network import TextEncoder, TextSource, TwoTowerWide, default_encoder_path, parse_mode
-from models.ranker import MIN_ROWS, Ranker, ranker_matrix
+from models.ranker import BLEND_COLUMNS, FUSION_COLUMNS, MIN_ROWS, Ranker, ranker_matrix
 from models.recommender import Recommender, _cosine, model_config
 
 
@@ -214,32 +214,80 @@ def collab_features(collab: CollabModel, rows: pd.DataFrame, history: pd.DataFra
     cat_n, cat_pos = category_counts(rows, history, catalog, lag)
     uniq, inv = np.unique(target, return_inverse=True)
     text_prior = collab.text_prior(item_vecs[uniq])[inv]
-    return collab.features(hist_cf, pos_map[target], cat_n, cat_pos, text_prior, prior, tensors["wide"].numpy())
+    recent = tensors["recent_items"].numpy()
+    recent_cf = np.where(recent >= 0, pos_map[np.maximum(recent, 0)], -1) if len(pos_map) else np.full_like(recent, -1)
+    return collab.features(hist_cf, pos_map[target], cat_n, cat_pos, text_prior, prior, tensors["wide"].numpy(),
+                           recent_cf, tensors["recent_labels"].numpy())
+
+
+FUSION_CHUNKS = 4  # time chunks of a part: chunk j's rows get collaborative counts fitted on chunks < j
+
+
+def fusion_rows(events: pd.DataFrame, tensors: dict, history: pd.DataFrame, catalog: pd.DataFrame,
+                items: ItemIndex, item_vecs: np.ndarray, prior: float, lag,
+                chunks: int = FUSION_CHUNKS) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-sample rows for the fusion model from a time-ordered part (``events`` with its prepared
+    ``tensors``): split into ``chunks`` by time; the rows of chunk j >= 1 get ``CF_COLUMNS`` from a
+    :class:`CollabModel` fitted on chunks < j only (an expanding window), and their point-in-time wide
+    statistics (the lag). No row's label reaches its own features; every chunk but the first is used.
+    Returns ([n, len(FUSION_COLUMNS)] float32, [n] labels)."""
+    n = len(events)
+    bounds = np.linspace(0, n, chunks + 1).round().astype(int)
+    wide, labels = tensors["wide"].numpy(), tensors["label"].numpy().astype(np.int64)
+    lookup = _text_lookup(items, item_vecs)
+    xs, ys = [], []
+    for j in range(1, chunks):
+        a, b = int(bounds[j]), int(bounds[j + 1])
+        if a == 0 or b <= a:
+            continue
+        fit = events.iloc[:a]
+        collab = CollabModel.fit(fit, lookup, float(fit["label"].mean()), wide[:a])
+        part = {k: v[a:b] for k, v in tensors.items()}
+        cf = collab_features(collab, events.iloc[a:b], history, catalog, items, part, item_vecs, prior, lag)
+        xs.append(np.concatenate([wide[a:b], cf], axis=1).astype(np.float32))
+        ys.append(labels[a:b])
+    if not xs:
+        return np.empty((0, len(FUSION_COLUMNS)), dtype=np.float32), np.empty(0, dtype=np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def fit_ranker(module: RecommenderModule, dm: RecDataModule, catalog: pd.DataFrame, item_vecs: np.ndarray,
+               kind: str, seed: int, lag) -> tuple[Ranker | None, dict | None]:
+    """Stacking in two steps (no row sees its own label, no model scores rows it was fitted on):
+
+    1. the **fusion** model (``kind`` over ``FUSION_COLUMNS``: wide statistics + collaborative
+       features) on the selection train part's rows, chunk by chunk (:func:`fusion_rows`);
+    2. the **blend** on the validation part: a logistic regression of the label on [fusion logit,
+       tower logit, tower cosine] - the towers of the selection run (trained on the train part) and
+       collaborative counts fitted on the whole train part.
+
+    (None, None) when the train part or the validation part has too few rows or a single class."""
+    from models.evaluate import auc
+
+    x, y = fusion_rows(dm.train_events, dm.tensors["train"], dm.events, catalog, dm.items, item_vecs, dm.prior, lag)
+    val = dm.tensors["val"]
+    yv = val["label"].numpy().astype(np.int64)
+    if len(y) < MIN_ROWS or len(np.unique(y)) < 2 or len(yv) < MIN_ROWS or len(np.unique(yv)) < 2:
+        return None, None
+    fusion = Ranker.fit(x, y, kind, seed=seed, columns=FUSION_COLUMNS)
+    collab = CollabModel.fit(dm.train_events, _text_lookup(dm.items, item_vecs), dm.prior, dm.train_wide)
+    logit, cos = tower_scores(module, val)
+    cf = collab_features(collab, dm.val_events, dm.events, catalog, dm.items, val, item_vecs, dm.prior, lag)
+    xv = np.concatenate([val["wide"].numpy(), cf], axis=1)
+    fusion.fit_blend(xv, logit, cos, yv)
+    full = ranker_matrix(logit, cos, val["wide"].numpy(), cf)
+    info = {"kind": kind, "n_rows": len(y), "rows": f"train part, {FUSION_CHUNKS} time chunks (expanding window)",
+            "blend_rows": len(yv), "val_auc_towers": auc(yv, logit), "val_auc_fusion": auc(yv, fusion._base_logit(xv)),
+            "val_auc_blend": auc(yv, fusion.logit(full)),  # blend weights fitted on these rows (3 coefficients)
+            "blend": dict(zip(BLEND_COLUMNS, map(float, fusion.blend["coef"]))),
+            **{k: v for k, v in fusion.info.items() if k != "n_rows"},
+            "importance": {k: round(v, 4) for k, v in fusion.importance().items()}}
+    fusion.info = info
+    return fusion, info
 
 
 def _text_lookup(items: ItemIndex, vecs: np.ndarray):
     return lambda ids: vecs[[items.position[str(i)] for i in ids]]
-
-
-def fit_ranker(module: RecommenderModule, dm: RecDataModule, catalog: pd.DataFrame, item_vecs: np.ndarray,
-               kind: str, seed: int, lag) -> tuple[Ranker, dict]:
-    """Stacking: collaborative counts + text head from the train part, the ranker on the validation part
-    (towers of the selection run, point-in-time features with the lag): no row sees its own label."""
-    from models.evaluate import auc
-
-    collab = CollabModel.fit(dm.train_events, _text_lookup(dm.items, item_vecs), dm.prior, dm.train_wide)
-    val = dm.tensors["val"]
-    logit, cos = tower_scores(module, val)
-    cf = collab_features(collab, dm.val_events, dm.events, catalog, dm.items, val, item_vecs, dm.prior, lag)
-    x = ranker_matrix(logit, cos, val["wide"].numpy(), cf)
-    y = val["label"].numpy().astype(np.int64)
-    ranker = Ranker.fit(x, y, kind, seed=seed)
-    info = {"kind": kind, "n_rows": len(y), "rows": "validation part (out-of-sample)",
-            "towers_auc_on_rows": auc(y, logit), "in_sample_auc": auc(y, ranker.logit(x)),
-            **{k: v for k, v in ranker.info.items() if k != "n_rows"},
-            "importance": {k: round(v, 4) for k, v in ranker.importance().items()}}
-    ranker.info = info
-    return ranker, info
 
 
 def _new_module(cfg, encoder: TextEncoder, texts: TextSource, dm: RecDataModule) -> RecommenderModule:
@@ -384,6 +432,12 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
         else:
             rows, wide = final_dm.train_events, final_dm.train_wide
         model.collab = CollabModel.fit(rows, _text_lookup(dm.items, vecs), final_dm.prior, wide)
+        if final_dm is not dm:  # the fusion model refit on the whole window's rows (same rounds per row, same blend)
+            x, y = fusion_rows(final_dm.train_events, final_dm.tensors["train"], final_dm.events, catalog,
+                               final_dm.items, vecs, final_dm.prior, lag)
+            if len(y) >= MIN_ROWS and len(np.unique(y)) == 2:
+                fitted_ranker = fitted_ranker.refit(x, y, seed=cfg.seed)
+                ranker_info["refit_rows"] = len(y)
         model.ranker = fitted_ranker
         timings["collab_refit"] = time.perf_counter() - t_c
     return TrainedModel(model=model, history=history, seconds=time.perf_counter() - t0, n_train=final_dm.n_train,

@@ -106,3 +106,33 @@ def test_bad_input_is_a_clear_error():
         point_in_time_features(pd.DataFrame({"user_id": ["u"], "item_id": ["i0"]}), pd.DataFrame({"user_id": []}),
                                _catalog(), {}, 2)
 
+
+
+def test_recent_rate_and_recent_events_read_the_last_events_strictly_before():
+    """user_recent_rate: like-rate of the user's last RECENT_EVENTS events (smoothed); recent_items /
+    recent_labels: the last KNN_HISTORY events of any label - both strictly before the row, lag applied."""
+    from models.features import KNN_HISTORY, RECENT_EVENTS, SMOOTHING
+
+    n_old = RECENT_EVENTS + 5
+    rows_ = [("u", "i0", 1, T0 + pd.Timedelta(minutes=k)) for k in range(5)]  # 5 old likes
+    rows_ += [("u", "i1", 0, T0 + pd.Timedelta(minutes=5 + k)) for k in range(RECENT_EVENTS)]  # then dislikes
+    rows_ += [("u", "i2", 1, T0 + pd.Timedelta(minutes=100))]  # at the row's time: excluded
+    h = _events(rows_)
+    index = {f"i{k}": k for k in range(6)}
+    prior = 0.5
+    row = pd.DataFrame({"user_id": ["u", "u"], "item_id": ["i3", "i3"],
+                        "timestamp": [T0 + pd.Timedelta(minutes=100), T0 + pd.Timedelta(minutes=7)]})
+    f = point_in_time_features(row, h, _catalog(), index, prior=prior)
+    col = WIDE_COLUMNS.index("user_recent_rate")
+    p0 = (0 + SMOOTHING * prior) / (RECENT_EVENTS + SMOOTHING)  # the last 10 are all dislikes
+    assert f.wide[0, col] == pytest.approx(np.log(p0 / (1 - p0)), rel=1e-5)
+    p1 = (5 + SMOOTHING * prior) / (7 + SMOOTHING)  # at minute 7: 5 likes + 2 dislikes before it
+    assert f.wide[1, col] == pytest.approx(np.log(p1 / (1 - p1)), rel=1e-5)
+    assert f.recent_items.shape == (2, KNN_HISTORY)
+    k = min(KNN_HISTORY, n_old)
+    assert f.recent_items[0, -k:].tolist() == ([0] * 5 + [1] * RECENT_EVENTS)[-k:]
+    assert f.recent_labels[0, -k:].tolist() == ([1] * 5 + [0] * RECENT_EVENTS)[-k:]
+    assert (f.recent_items[1] >= 0).sum() == 7 and f.recent_labels[1, -2:].tolist() == [0, 0]
+    # with a 1-hour lag the row at minute 100 sees only events before minute 40: all of them here
+    lagged = point_in_time_features(row.iloc[:1], h, _catalog(), index, prior=prior, lag=pd.Timedelta(hours=1))
+    assert lagged.wide[0, col] == pytest.approx(f.wide[0, col])

@@ -57,31 +57,75 @@ def trained(tmp_path_factory, tiny_encoder, split, world):
         return train_recommender(s, train, world.catalog, None)
 
 
-def test_ranker_is_fitted_on_the_validation_rows_only(trained, monkeypatch, tmp_path, tiny_encoder, split, world):
+def test_fusion_rows_are_out_of_sample_and_the_blend_is_fitted_on_validation(trained, monkeypatch, tmp_path,
+                                                                             tiny_encoder, split, world):
+    """The fusion model is fitted on the selection train part's chunks 2..4 (each with counts from the
+    chunks before it), the blend with the towers on the validation part; the refit re-fits the fusion
+    model on the whole window's chunks with the chosen rounds."""
     from models import ranker as ranker_mod
-    from models.train import train_recommender
+    from models.data import time_split
+    from models.train import FUSION_CHUNKS, train_recommender
 
     info = trained.ranker
-    assert info is not None and info["kind"] == "lightgbm" and info["rows"].startswith("validation")
-    assert info["n_rows"] == trained.n_val > 0
-    cfg = trained.model.config
-    assert cfg["ranker"]["n_rows"] == cfg["n_val"] and trained.model.info["ranker"]["kind"] == "lightgbm"
-    seen = {}
+    assert info is not None and info["kind"] == "lightgbm" and info["rows"].startswith("train part")
+    assert info["blend_rows"] == trained.n_val > 0 and set(info["blend"]) == set(ranker_mod.BLEND_COLUMNS)
+    assert trained.model.config["ranker"]["blend_rows"] == trained.model.config["n_val"]
+    assert info["refit_rows"] > info["n_rows"]  # the refit used the whole window
+    seen = []
     real = ranker_mod.Ranker.fit.__func__
 
     def spy(cls, x, y, *a, **kw):
-        seen["x"], seen["y"] = np.asarray(x), np.asarray(y)
+        seen.append((np.asarray(x), np.asarray(y)))
         return real(cls, x, y, *a, **kw)
 
     monkeypatch.setattr(ranker_mod.Ranker, "fit", classmethod(spy))
     train, _ = split
     out = train_recommender(_settings(tmp_path, tiny_encoder, max_epochs=1), train, world.catalog, None)
-    from models.data import time_split
+    part, val = time_split(train, 0.15)
+    bounds = np.linspace(0, len(part), FUSION_CHUNKS + 1).round().astype(int)
+    (x, y), = seen
+    assert out.n_val == len(val) and len(y) == len(part) - bounds[1]
+    np.testing.assert_array_equal(y, part["label"].to_numpy()[bounds[1]:])  # chunks 2.., in time order
+    assert x.shape[1] == len(ranker_mod.FUSION_COLUMNS)
 
-    _, val = time_split(train, 0.15)
-    assert len(seen["y"]) == out.n_val == len(val)
-    np.testing.assert_array_equal(seen["y"], val["label"].to_numpy())  # the rows, in time order
-    assert seen["x"].shape[1] == len(ranker_mod.RANKER_COLUMNS)
+
+def test_a_fusion_row_never_sees_its_own_label(split, world):
+    """Flip the label of rows in chunks 2..4: their own fusion rows (statistics, kNN, counts) do not move."""
+    from models.data import RecDataModule
+    from models.train import fusion_rows
+
+    train, _ = split
+    lag = pd.Timedelta(minutes=10)
+
+    def rows(events):
+        dm = RecDataModule(events, world.catalog, 10, 0.15, 256, lag=lag)
+        dm.setup()
+        vecs = np.random.default_rng(0).normal(size=(len(dm.items.texts), 8)).astype(np.float32)
+        x, _ = fusion_rows(dm.train_events, dm.tensors["train"], dm.events, world.catalog, dm.items, vecs,
+                           dm.prior, lag)
+        return dm, x
+
+    dm, base = rows(train)
+    from models.ranker import FUSION_COLUMNS
+
+    knn = FUSION_COLUMNS.index("knn_resid")
+    assert np.isfinite(base).all() and base[:, knn].std() > 0  # kNN varies: the check below is not vacuous
+    offset = len(dm.train_events) - len(base)
+    labels = dm.train_events["label"].to_numpy()
+    # the smoothing prior is one global like-rate of the train part: each flip is paired with the opposite
+    # flip of the last row with the other label (a later row, which no earlier row's features may see)
+    for j in np.random.default_rng(2).choice(len(base) // 2, 4, replace=False):
+        eid = dm.train_events["event_id"].iloc[offset + j]
+        other = dm.train_events["event_id"].iloc[np.flatnonzero(labels != labels[offset + j])[-1]]
+        flipped = train.copy()
+        at = flipped["event_id"].isin([eid, other])
+        flipped.loc[at, "label"] = 1 - flipped.loc[at, "label"]
+        _, got = rows(flipped)
+        np.testing.assert_array_equal(got[j], base[j])
+    # earlier labels do reach later rows (the features are not constant)
+    flipped = train.copy()
+    flipped.loc[flipped.index[:200], "label"] = 1 - flipped["label"].iloc[:200]
+    assert not np.array_equal(rows(flipped)[1], base)
 
 
 def test_no_row_sees_its_own_label(split, world):
@@ -181,7 +225,7 @@ def test_fused_model_beats_statistics_only_on_held_out_events(tmp_path):
     m = out["metrics"]
     assert m[MODEL_NAME]["auc"] > m["statistics-lr"]["auc"] + 0.005, m
     assert out["decision"].baseline_cis["statistics-lr"].low > 0
-    assert out["trained"].ranker["n_rows"] == out["trained"].n_val
+    assert out["trained"].ranker["blend_rows"] == out["trained"].n_val
 
 
 def test_logistic_ranker_and_no_ranker(tmp_path, tiny_encoder, split, world):
@@ -218,3 +262,24 @@ def test_ranker_kinds_fit_and_round_trip(tmp_path):
         assert np.corrcoef(r.logit(x), x[:, 0])[0, 1] > 0.5
     with pytest.raises(ValueError, match="unknown ranker"):
         Ranker("forest")
+
+
+def test_item_knn_reads_similar_items_residuals():
+    """knn_resid > 0 when the user liked items similar to the candidate more than people did; < 0 when less."""
+    from models.cf import CollabModel
+
+    # users u0..u9 all had events on a, b (similar items); c is only with a few; labels of a: mostly 0
+    rows = []
+    for u in range(10):
+        rows += [(f"u{u}", "a", int(u < 3)), (f"u{u}", "b", 1)]
+    rows += [("u0", "c", 1), ("u1", "c", 0)]
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "label"])
+    ev["timestamp"] = pd.Timestamp("2026-01-01", tz="UTC")
+    vecs = np.eye(3, dtype=np.float32)
+    collab = CollabModel.fit(ev, lambda ids: vecs[["abc".index(i) for i in ids]], 0.5)
+    a, b = collab.index_of(["a", "b"])
+    liked_a = collab.knn(np.array([[a]]), np.array([[1]]), np.array([b]))  # liked a (most did not)
+    disliked_a = collab.knn(np.array([[a]]), np.array([[0]]), np.array([b]))
+    assert liked_a[0][0] > 0 > disliked_a[0][0] and liked_a[1][0] > 0
+    none = collab.knn(np.array([[-1]]), np.array([[1]]), np.array([b]))  # no history: zero
+    assert none[0][0] == 0 and none[1][0] == 0
