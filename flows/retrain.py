@@ -141,11 +141,28 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
             logger.error("retrain failed, champion untouched: %s", error)
             raise
         finally:
+            if signame is None:
+                _housekeeping(settings, logger)
             _storm(settings, "finished", succeeded=ok)
             _audit(settings, {"flow_run_id": str(runtime.flow_run.id or ""), "reason": reason, "held_from": held_from,
                               "held_to": datetime.now(timezone.utc).isoformat(), "succeeded": ok, "error": error,
                               "signal": signame})
     return outcome
+
+
+def _housekeeping(settings, logger) -> None:
+    """Retention after every retrain (models/retention.py); a failure here is logged, never fatal."""
+    from models.retention import housekeeping
+
+    try:
+        done = housekeeping(settings)
+    except Exception as exc:
+        logger.warning("housekeeping failed (nothing about the model changes): %s: %s", type(exc).__name__, exc)
+        return
+    logger.info("housekeeping: pruned versions %s, disk %.1f -> %.1f MB (models + local artifact store)",
+                done["pruned"] or "none", done["disk_bytes_before"] / 1e6, done["disk_bytes_after"] / 1e6)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(done, settings.state_dir / "housekeeping.json")
 
 
 def _audit(settings, record: dict) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.retention import PRUNED_TAG
 from recloop.store import file_sha256
 
 log = logging.getLogger(__name__)
@@ -797,6 +798,9 @@ def _download(settings, version: str) -> Path:
 
     c = client(settings)
     mv = c.get_model_version(settings.model_name, version)
+    if PRUNED_TAG in (mv.tags or {}):
+        raise ModelLoadError(f"version {version}: its model artifacts were pruned by the retention policy on "
+                             f"{mv.tags[PRUNED_TAG]} (its MLflow record is kept; see models/retention.py)")
     cache = _cache_dir(settings, version)
     model_dir = cache / "model"
     if not (cache / "COMPLETE").is_file():

@@ -1,4 +1,4 @@
-"""``recloop models`` (versions, aliases, metrics, gate results) and ``recloop rollback``."""
+"""``recloop models`` (versions, aliases, metrics, gate results), ``recloop rollback`` and ``recloop prune``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ _METRICS = ("auc", "ndcg_at_10", "cold_item_auc", "tail_exposure")
 def register(app: typer.Typer) -> None:
     app.command("models")(models)
     app.command("rollback")(rollback)
+    app.command("prune")(prune)
 
 
 def _fmt(v) -> str:
@@ -57,3 +58,26 @@ def rollback(
         fail(str(exc))
     emit(result.to_dict(), as_json,
          lambda d: typer.echo(f"champion: version {d['champion_before']} -> {d['champion_after']} ({reason})"))
+
+
+def prune(
+    keep: int = typer.Option(None, "--keep", min=0,
+                             help="Newest versions that keep their artifacts (default: retrain.keep_versions)"),
+    workspace: Path = WorkspaceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Apply the retention policy: versions without an alias, older than the newest N, lose their heavy
+    artifacts (weights, encoder); their MLflow records stay. Identical large files are shared."""
+    from models.retention import disk_usage, housekeeping, prune_versions
+
+    settings = settings_for(workspace)
+    if keep is None:
+        out = housekeeping(settings)
+    else:
+        before = disk_usage(settings.models_dir)
+        out = {**prune_versions(settings, keep).to_dict(), "disk_bytes_before": before,
+               "disk_bytes_after": disk_usage(settings.models_dir)}
+    emit(out, as_json, lambda d: typer.echo(
+        f"pruned versions: {', '.join(d['pruned']) or 'none'}; kept: {', '.join(d['kept']) or 'none'}; "
+        f"disk {d['disk_bytes_before'] / 1e6:.1f} -> {d['disk_bytes_after'] / 1e6:.1f} MB"
+        + (f"; errors: {d['errors']}" if d["errors"] else "")))

@@ -77,6 +77,9 @@ class RetrainSettings(BaseModel):
     window_days: float | None = None  # train on the newest N days only (None: everything stored)
     min_train_events: int = 500
     refit_full: bool = True  # after choosing the epoch count on validation, refit on train + validation
+    # retention (models/retention.py): besides champion, previous and a pending challenger, the newest
+    # keep_versions versions keep their heavy artifacts; older ones keep only their MLflow record
+    keep_versions: int = Field(3, ge=0)
 
 
 class GateSettings(BaseModel):
