@@ -847,8 +847,10 @@ def load_version(settings, version) -> tuple[Any, dict]:
     mv = c.get_model_version(settings.model_name, version)
     try:
         model_dir = _download(settings, version)
-    except ModelLoadError:
+    except ModelLoadError as exc:
         # a corrupted local cache is re-fetched once; a corrupted registry copy stays an error
+        log.warning("version %s: local cache %s failed verification (%s); re-fetching from the registry",
+                    version, _cache_dir(settings, version), exc)
         shutil.rmtree(_cache_dir(settings, version), ignore_errors=True)
         model_dir = _download(settings, version)
     try:

@@ -82,7 +82,10 @@ class FeedbackEvent(BaseModel):
     def _utc(cls, v: datetime) -> datetime:
         if v.tzinfo is None:
             raise ValueError("timestamp must carry a timezone (UTC)")
-        return v.astimezone(timezone.utc)
+        try:
+            return v.astimezone(timezone.utc)
+        except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+05:00: out of range once converted
+            raise ValueError(f"timestamp {v.isoformat()} is out of range in UTC") from exc
 
     @model_validator(mode="after")
     def _label_matches_type(self) -> "FeedbackEvent":

@@ -167,6 +167,14 @@ class ServingSettings(BaseModel):
     impression_flush_seconds: float = 1.0
     seed: int | None = None  # exploration RNG seed (None: random)
     torch_threads: int | None = 1  # torch intra-op threads in the server (None: torch's default)
+    # hardening (docs/readme/serving.md): Host names answered (None: loopback + the bind host; "*": any)
+    allowed_hosts: list[str] | None = None
+    max_header_bytes: int = 16_384  # request line + headers; 431 above it
+    feedback_flush_events: int = 5_000  # /feedback is micro-batched: a landing file per this many events ...
+    feedback_flush_seconds: float = 5.0  # ... or this many seconds (0: one landing file per request)
+    feedback_rate_per_client_per_minute: int = 1_200  # per remote address, besides the per-user limit
+    feedback_rate_global_per_minute: int = 12_000  # the whole server
+    insecure: bool = False  # serve on a non-loopback host without a token (refused unless set)
 
 
 def _toml_path(workspace: Path) -> Path | None:

@@ -4,16 +4,18 @@ Routes
   ``GET  /recommend?user_id=&k=``      top-K for a user (history-based; cold start: popular and diverse)
   ``GET  /search?q=&user_id=&k=``      top-K for a query text, personalised when a user is given
   ``POST /feedback``                   one event or ``{"events": [...]}`` -> ``landing/`` (202, idempotent)
-  ``GET  /health``                     200 when a model is loaded, else 503
-  ``GET  /model``                      served version, trained window, metrics
+  ``GET  /health``                     200 ``ready`` / ``degraded`` (a fallback model) when a model is loaded, else 503
+  ``GET  /model``                      served version, trained window, metrics (no file paths without the token)
   ``POST /admin/reload``               poll the registry and refresh the store view now (token)
 
 Everything a request needs is read once at its start (``holder.current``,
-``view.data``), so background swaps never change a response half-way.
+``view.data``), so background swaps never change a response half-way. Limits and access
+are in ``serving/security.py``, request/response models in ``serving/schemas.py``.
 """
 
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -26,29 +28,41 @@ import numpy as np
 import pydantic_core
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from recloop.schema import FeedbackEvent
 from serving import ranking
 from serving.feedback import FeedbackWriter, ImpressionLog, impressions_dir
 from serving.lifecycle import ModelHolder, ModelSource, RegistryModelSource
-from serving.security import BodySizeLimit, RateLimiter, check_token
+from serving.options import option
+from serving.schemas import (
+    COMMON_RESPONSES,
+    FEEDBACK_REQUEST_BODY,
+    FEEDBACK_RESPONSES,
+    HEALTH_RESPONSES,
+    ID_MAX,
+    ID_PATTERN,
+    MODEL_RESPONSES,
+    FeedbackBatchIn,
+    FeedbackIn,
+    add_component_schemas,
+)
+from serving.security import (
+    RateLimiter,
+    RequestGuard,
+    acquire_all,
+    allowed_hosts,
+    check_token,
+    client_key,
+    has_token,
+    require_json,
+)
 from serving.storeview import StoreView
 
 log = logging.getLogger(__name__)
 
-
-class FeedbackIn(FeedbackEvent):
-    """A feedback event as posted: the contract's event plus the impression it answers (optional)."""
-
-    impression_id: str | None = Field(default=None, min_length=1, max_length=64)
-
-
-class FeedbackBatchIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    events: list[FeedbackIn] = Field(min_length=1)
+__all__ = ["FeedbackBatchIn", "FeedbackIn", "create_app", "public_info"]
 
 
 def _errors(exc: ValidationError) -> list[dict]:
@@ -76,9 +90,13 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
     source = model_source if model_source is not None else RegistryModelSource(settings)
     view = StoreView(settings.store_dir)
     holder = ModelHolder(source, view, settings)
-    writer = FeedbackWriter(settings.landing_dir, state_dir)
+    writer = FeedbackWriter(settings.landing_dir, state_dir, store_dir=settings.store_dir,
+                            flush_events=option(s, "feedback_flush_events"),
+                            flush_seconds=option(s, "feedback_flush_seconds"))
     impressions = ImpressionLog(impressions_dir(settings), s.impression_flush_seconds)
-    limiter = RateLimiter(s.feedback_rate_per_minute)
+    limiter = RateLimiter(s.feedback_rate_per_minute)  # per user id
+    client_limiter = RateLimiter(option(s, "feedback_rate_per_client_per_minute"))
+    global_limiter = RateLimiter(option(s, "feedback_rate_global_per_minute"))
     seeds = np.random.default_rng(s.seed)
     seeds_lock = threading.Lock()
 
@@ -98,17 +116,21 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         if start_background:
             holder.start()
             impressions.start()
+            writer.start()
         try:
             yield
         finally:
             holder.stop()
             impressions.stop()
+            writer.close()  # lands the open feedback batch
 
     app = FastAPI(title="recloop serving", version="1", lifespan=lifespan,
                   description="Search and recommendations from the champion model; feedback into landing/.")
     app.state.settings, app.state.holder, app.state.view = settings, holder, view
     app.state.writer, app.state.impressions, app.state.limiter = writer, impressions, limiter
-    app.add_middleware(BodySizeLimit, max_bytes=s.max_body_bytes)
+    app.state.client_limiter, app.state.global_limiter = client_limiter, global_limiter
+    app.add_middleware(RequestGuard, max_bytes=s.max_body_bytes, max_header_bytes=option(s, "max_header_bytes"),
+                       hosts=allowed_hosts(s))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -138,19 +160,19 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
             body["query"] = query
         return JSONResponse(body, headers={"X-Model-Version": served.version})
 
-    UserId = Annotated[str, Query(min_length=1, max_length=128, pattern=r"^[\w.:@\-]+$")]
+    UserId = Annotated[str, Query(min_length=1, max_length=ID_MAX, pattern=ID_PATTERN)]
     K = Annotated[int, Query(ge=1, le=s.max_k)]
 
-    @app.get("/recommend")
+    @app.get("/recommend", responses=MODEL_RESPONSES)
     def recommend(user_id: UserId, k: K = 10):
         t0 = time.perf_counter()
         served = served_or_503()
         ranked = ranking.recommend(served, view.data, settings, user_id, k, rng())
         return answer("recommend", user_id, None, served, ranked, t0)
 
-    @app.get("/search")
+    @app.get("/search", responses=MODEL_RESPONSES)
     def search(q: Annotated[str, Query(min_length=1, max_length=settings.checks.max_query_chars)],
-               user_id: Annotated[str | None, Query(min_length=1, max_length=128, pattern=r"^[\w.:@\-]+$")] = None,
+               user_id: Annotated[str | None, Query(min_length=1, max_length=ID_MAX, pattern=ID_PATTERN)] = None,
                k: K = 10):
         t0 = time.perf_counter()
         query = q.strip()
@@ -160,11 +182,10 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         ranked = ranking.search(served, view.data, settings, query, user_id, k, rng())
         return answer("search", user_id, query, served, ranked, t0)
 
-    @app.post("/feedback", status_code=202, openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"oneOf": [FeedbackIn.model_json_schema(),
-                                                  FeedbackBatchIn.model_json_schema()]}}}}})
+    @app.post("/feedback", status_code=202, responses=FEEDBACK_RESPONSES, openapi_extra=FEEDBACK_REQUEST_BODY)
     async def feedback(request: Request):
         check_token(request, s.token)
+        require_json(request)
         body = await request.body()  # the size cap (middleware) already bounds this
         events = _parse_feedback(body, s.max_batch_events)
         now = datetime.now(UTC)
@@ -178,9 +199,12 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         if unknown:
             raise _unprocessable([{"loc": ["body", "item_id"], "type": "value_error",
                                    "msg": f"unknown item ids (not in the catalog): {unknown[:10]}"}])
-        ok, retry = limiter.try_acquire(Counter(e.user_id for e in events))
+        n = len(events)
+        ok, retry, scope = acquire_all([(global_limiter, {"*": n}, "the server"),
+                                        (client_limiter, {client_key(request): n}, "this client"),
+                                        (limiter, Counter(e.user_id for e in events), "this user")])
         if not ok:
-            raise HTTPException(status_code=429, detail="feedback rate limit exceeded for this user",
+            raise HTTPException(status_code=429, detail=f"feedback rate limit exceeded for {scope}",
                                 headers={"Retry-After": str(int(np.ceil(retry)))})
         rows = [e.model_dump(exclude={"impression_id"}) for e in events]
         result = await _run_sync(writer.write, rows)
@@ -190,33 +214,62 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates,
                              "batch_file": result.batch_file}, status_code=202)
 
-    @app.get("/health")
-    def health():
+    @app.get("/health", responses=HEALTH_RESPONSES)
+    def health(request: Request):
         cur = holder.current
-        body = {"status": "ready" if cur else "no_model", "model_version": cur.version if cur else None,
+        status = ("degraded" if holder.degraded else "ready") if cur else "no_model"
+        body = {"status": status, "model_version": cur.version if cur else None,
                 "items_indexed": len(cur.index) if cur else 0, "events_cached": len(view.data.events),
-                "last_error": holder.last_error}
-        return JSONResponse(body, status_code=200 if cur else 503)
+                "degraded_reason": holder.degraded, "last_error": holder.last_error}
+        return JSONResponse(body if has_token(request, s.token) else public_info(body), status_code=200 if cur else 503)
 
-    @app.get("/model")
-    def model_info():
+    @app.get("/model", responses=MODEL_RESPONSES)
+    def model_info(request: Request):
         cur = served_or_503()
         info = dict(cur.info)
-        return {"version": cur.version, "loaded_at": cur.loaded_at, "source": info.pop("source", None),
-                "trained_window": info.pop("trained_window", None), "metrics": info.pop("metrics", None),
-                "items_indexed": len(cur.index), "index_build_seconds": round(cur.index.build_seconds, 3),
-                "details": info}
+        out = {"version": cur.version, "loaded_at": cur.loaded_at, "source": info.pop("source", None),
+               "trained_window": info.pop("trained_window", None), "metrics": info.pop("metrics", None),
+               "items_indexed": len(cur.index), "index_build_seconds": round(cur.index.build_seconds, 3),
+               "details": info}
+        return out if has_token(request, s.token) else public_info(out)
 
-    @app.post("/admin/reload")
+    @app.post("/admin/reload", responses={**COMMON_RESPONSES, 401: FEEDBACK_RESPONSES[401],
+                                          415: FEEDBACK_RESPONSES[415]})
     def reload(request: Request):
         check_token(request, s.token)
+        require_json(request, body_optional=True)
         refreshed = holder.refresh_data()
         swapped = holder.poll_once()
         cur = holder.current
-        return {"swapped": swapped, "store_refreshed": refreshed, "model_version": cur.version if cur else None,
-                "last_error": holder.last_error}
+        out = {"swapped": swapped, "store_refreshed": refreshed, "model_version": cur.version if cur else None,
+               "degraded_reason": holder.degraded, "last_error": holder.last_error}
+        return out if has_token(request, s.token) else public_info(out)
 
+    def openapi():
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = add_component_schemas(doc)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+_PATH = re.compile(r"(?:(?<![^\s'\"=(])|(?<=local:))(?:file://)?(?:/|~/|[A-Za-z]:[\\/])[^\s'\",;]*")
+_PATH_KEYS = ("path", "dir", "directory", "root", "file", "uri")
+
+
+def public_info(info):
+    """``info`` without filesystem paths (anonymous ``GET /model``): keys naming a path or folder are
+    dropped, and any path inside a string is cut to its last component."""
+    if isinstance(info, dict):
+        return {k: public_info(v) for k, v in info.items()
+                if not (isinstance(k, str) and k.lower().rsplit("_", 1)[-1] in _PATH_KEYS and k != "source")}
+    if isinstance(info, list | tuple):
+        return [public_info(v) for v in info]
+    if isinstance(info, str):
+        return _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1], info)
+    return info
 
 
 def _limit_blas_threads(n: int) -> None:

@@ -1,18 +1,29 @@
 """Durable feedback landing and the impression log.
 
-**Feedback** (``POST /feedback``) is written to ``landing/`` as one small Parquet batch
-per request, in the feedback contract of ``recloop/schema.py`` (``FEEDBACK_COLUMNS``),
-so the ingest flow validates and stores it like any other batch. The file is written to
-a hidden temp file, fsynced and renamed (``atomic_write_bytes``): the ingest flow never
-sees half a batch, and a 202 means the events are on disk.
+**Feedback** (``POST /feedback``) is micro-batched into ``landing/``: a landing file holds up
+to ``feedback_flush_events`` events or ``feedback_flush_seconds`` of feedback, so the ingest
+checks that need a batch (per-user click cap, like-rate over >= 50 rows) see real batches and
+ingest cost grows with events, not with requests. Durability before the 202: the events of a
+request are appended to the *open batch*, a JSON-lines spool file
+``state/serving/spool/serving-<time>-<id>.jsonl``, and fsynced; only then are their ids
+recorded and the 202 sent. The open batch is converted into ``landing/serving-<time>-<id>.parquet``
+(the ``batch_file`` of the answer; written to a temp file, fsynced, renamed) when it reaches the
+size, when it is older than the time limit (a background thread), on shutdown, and — after a crash
+— when the next server starts on the workspace (a spool file whose owner process is gone: each
+owner holds an ``flock`` on its open batch). An append that fails half-way is truncated back, so
+every acknowledged line is whole. A crash can land an event at worst twice (the batch landed but
+its spool file not yet removed), which the store's own ``event_id`` idempotency absorbs; it
+never loses an accepted event. ``feedback_flush_seconds = 0`` lands every request at once.
 
-Idempotency on ``event_id``: the ids this server accepted are kept in memory and in an
-append-only, fsynced log (``state/serving/accepted_event_ids.log``); an id seen before is
-counted as a duplicate and not written again. One lock (a thread lock plus a file lock,
-so two server processes on one workspace agree) covers check, write and log, so
-concurrent duplicate posts store the event once. The batch file is written *before* the
-ids are logged: a crash in between can at worst land an event twice, which the store's
-own ``event_id`` idempotency absorbs, but never lose one.
+Idempotency on ``event_id``: the ids this server accepted are kept in SQLite
+(``state/serving/accepted_event_ids.sqlite``, one primary-key row per id, parameterised
+queries, ``synchronous=FULL``): no id can inject another, and memory does not grow with them.
+An id seen before is counted as a duplicate and not written again. One lock (a thread lock plus
+a file lock, so server processes on one workspace agree) covers check, append and record, so
+concurrent duplicate posts store the event once. The old newline-delimited log
+(``accepted_event_ids.log``) is migrated once: only ids found in the store or in ``landing/`` are
+imported (a line injected through a newline cannot be told from a real id, and an unverified id
+that is posted again lands again, which the store absorbs), then it is renamed ``*.migrated``.
 
 **Impressions** (every ``/recommend`` and ``/search`` answer) go to a separate log,
 ``<workspace>/impressions/impressions-<time>-<id>.jsonl``: one row per shown item with
@@ -34,6 +45,7 @@ import io
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
@@ -46,12 +58,43 @@ from filelock import FileLock
 
 from recloop.schema import FEEDBACK_COLUMNS, normalize_feedback
 from recloop.store import atomic_write_bytes
+from serving.schemas import is_valid_id
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
 
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename / create / unlink in ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _try_flock(fh) -> bool:
+    """An exclusive, non-blocking ``flock`` on ``fh`` (released by the kernel when its process dies)."""
+    if fcntl is None:  # no flock (Windows): spool files are recovered at startup only
+        return True
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -61,60 +104,303 @@ class FeedbackResult:
     batch_file: str | None
 
 
+class AcceptedIds:
+    """The event ids accepted so far: SQLite, one primary-key row per id, shared by processes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS accepted (event_id TEXT PRIMARY KEY, accepted_at TEXT NOT NULL)"
+                         " WITHOUT ROWID")
+
+    def known(self, ids: list[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            sql = f"SELECT event_id FROM accepted WHERE event_id IN ({','.join('?' * len(chunk))})"  # placeholders only
+            out.update(r[0] for r in self._db.execute(sql, chunk))
+        return out
+
+    def add(self, ids) -> None:
+        when = datetime.now(UTC).isoformat()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany("INSERT OR IGNORE INTO accepted (event_id, accepted_at) VALUES (?, ?)",
+                                 [(i, when) for i in ids])
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def __contains__(self, event_id: str) -> bool:
+        return bool(self.known([event_id]))
+
+    def count(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM accepted").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _OpenBatch:
+    """The spool file being appended to, flock'ed by this process for as long as it is open."""
+
+    def __init__(self, path: Path, fh):
+        self.path, self.fh = path, fh
+        self.n = 0
+        self.opened = time.monotonic()
+
+    @property
+    def landing_name(self) -> str:
+        return self.path.stem + ".parquet"
+
+    def append(self, data: bytes) -> None:
+        size = self.fh.tell()
+        try:
+            self.fh.write(data)
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        except BaseException:
+            self.truncate(size)
+            raise
+
+    def truncate(self, size: int) -> None:
+        """Cut a half-written append back, so every acknowledged line stays whole."""
+        try:
+            self.fh.seek(size)
+            self.fh.truncate(size)
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        except (OSError, ValueError):
+            log.exception("could not truncate %s back to %d bytes", self.path, size)
+
+    def close(self) -> None:
+        try:
+            self.fh.close()  # releases the flock
+        except OSError:
+            pass
+
+
+def _jsonable(row: dict) -> dict:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
+def land_spool(spool: Path, landing_dir: Path) -> Path | None:
+    """Convert one spool file into ``landing/<stem>.parquet`` (atomic, fsynced), then remove it."""
+    rows, torn = [], 0
+    for line in spool.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # only an append that was never acknowledged can be torn
+            torn += 1
+    if torn:
+        log.warning("%s: %d torn line(s) skipped (never acknowledged)", spool.name, torn)
+    target = None
+    if rows:
+        df = pd.DataFrame(rows, columns=list(FEEDBACK_COLUMNS))
+        df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True, format="ISO8601")
+        df = normalize_feedback(df)
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        target = landing_dir / (spool.stem + ".parquet")
+        atomic_write_bytes(target, buf.getvalue())
+        _fsync_dir(landing_dir)
+    spool.unlink()
+    _fsync_dir(spool.parent)
+    return target
+
+
 class FeedbackWriter:
-    def __init__(self, landing_dir: Path, state_dir: Path):
+    """Accepted feedback -> the open batch (fsynced) -> ``landing/`` by size, time or shutdown.
+
+    The defaults (``flush_events=1``, ``flush_seconds=0``) land every write at once; the server
+    passes ``feedback_flush_events`` / ``feedback_flush_seconds``.
+    """
+
+    def __init__(self, landing_dir: Path, state_dir: Path, *, store_dir: Path | None = None,
+                 flush_events: int = 1, flush_seconds: float = 0.0, source: str = "serving"):
         self.landing_dir = Path(landing_dir)
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ids_path = self.state_dir / "accepted_event_ids.log"
+        self.spool_dir = self.state_dir / "spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.landing_dir.mkdir(parents=True, exist_ok=True)
+        self.flush_events = max(int(flush_events), 1)
+        self.flush_seconds = max(float(flush_seconds), 0.0)
+        self.source = source
         self._lock = threading.Lock()
         self._file_lock = FileLock(str(self.state_dir / "feedback.lock"))
-        self._accepted: set[str] = set()
-        self._ids_size = 0
-        self._load_ids()
+        self._open: _OpenBatch | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.ids = AcceptedIds(self.state_dir / "accepted_event_ids.sqlite")
+        with self._lock, self._file_lock:
+            self._migrate_old_log(store_dir)
+            self._recover_locked()
 
-    def _load_ids(self) -> None:
-        """(Re)read the accepted-id log from where we last stopped (another process may have appended)."""
-        if not self.ids_path.exists():
+    # ---- the accepted-id log ---------------------------------------------------------------------
+    def _migrate_old_log(self, store_dir: Path | None) -> None:
+        old = self.state_dir / "accepted_event_ids.log"
+        if not old.exists():
             return
-        with self.ids_path.open("rb") as fh:
-            fh.seek(self._ids_size)
-            chunk = fh.read()
-        end = chunk.rfind(b"\n") + 1  # ignore a torn last line
-        for line in chunk[:end].decode("utf-8", errors="replace").splitlines():
-            if line:
-                self._accepted.add(line)
-        self._ids_size += end
+        data = old.read_bytes()
+        lines = data.split(b"\n")
+        if lines and not data.endswith(b"\n"):
+            log.warning("%s: torn last line ignored", old.name)
+        lines = lines[:-1]  # after the last newline: empty, or a torn line
+        candidates = set()
+        for line in lines:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if is_valid_id(text):
+                candidates.add(text)
+        found = self._landed_ids(candidates)
+        if store_dir is not None and candidates - found:
+            from recloop.store import FeedbackStore
+
+            found |= candidates & FeedbackStore(store_dir).event_ids()
+        self.ids.add(sorted(found))
+        old.rename(old.with_name(old.name + ".migrated"))
+        log.warning("migrated %s to %s: %d id(s) imported (found in the store or landing/), %d line(s) not "
+                    "imported (not verifiable; a re-post lands again and the store's event_id idempotency "
+                    "absorbs it)", old.name, self.ids.path.name, len(found), len(lines) - len(found))
+
+    def _landed_ids(self, candidates: set[str]) -> set[str]:
+        out: set[str] = set()
+        if not candidates:
+            return out
+        for f in sorted(self.landing_dir.glob(f"{self.source}-*.parquet")):
+            try:
+                out.update(candidates.intersection(pd.read_parquet(f, columns=["event_id"])["event_id"].astype(str)))
+            except Exception as exc:
+                log.warning("migration: cannot read %s: %s", f, exc)
+        return out
 
     def seen(self, event_id: str) -> bool:
-        return event_id in self._accepted
+        return event_id in self.ids
 
-    def write(self, rows: list[dict], source: str = "serving") -> FeedbackResult:
-        """Land ``rows`` (validated feedback dicts) once per ``event_id``; returns counts."""
+    # ---- writing ---------------------------------------------------------------------------------
+    def write(self, rows: list[dict]) -> FeedbackResult:
+        """Accept ``rows`` (validated feedback dicts) once per ``event_id``; on disk before it returns."""
         with self._lock, self._file_lock:
-            self._load_ids()
-            fresh, seen_now = [], set()
+            unique: dict[str, dict] = {}
             for r in rows:
-                eid = r["event_id"]
-                if eid in self._accepted or eid in seen_now:
-                    continue
-                seen_now.add(eid)
-                fresh.append(r)
+                unique.setdefault(r["event_id"], r)
+            known = self.ids.known(list(unique))
+            fresh = [r for eid, r in unique.items() if eid not in known]
             if not fresh:
                 return FeedbackResult(0, len(rows), None)
-            df = normalize_feedback(pd.DataFrame(fresh, columns=list(FEEDBACK_COLUMNS)))
-            path = self.landing_dir / f"{source}-{_stamp()}-{uuid.uuid4().hex[:8]}.parquet"
-            buf = io.BytesIO()
-            df.to_parquet(buf, index=False)
-            atomic_write_bytes(path, buf.getvalue())  # fsync + rename: on disk before we answer
-            data = "".join(r["event_id"] + "\n" for r in fresh).encode("utf-8")
-            with self.ids_path.open("ab") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._ids_size += len(data)
-            self._accepted.update(seen_now)
-            return FeedbackResult(len(fresh), len(rows) - len(fresh), path.name)
+            batch = self._open or self._new_batch()
+            size = batch.fh.tell()
+            batch.append(b"".join(json.dumps(_jsonable(r)).encode("utf-8") + b"\n" for r in fresh))
+            try:
+                self.ids.add([r["event_id"] for r in fresh])
+            except BaseException:
+                batch.truncate(size)
+                raise
+            batch.n += len(fresh)
+            name = batch.landing_name
+            if batch.n >= self.flush_events or self.flush_seconds <= 0:
+                self._land_locked()
+            return FeedbackResult(len(fresh), len(rows) - len(fresh), name)
+
+    def _new_batch(self) -> _OpenBatch:
+        path = self.spool_dir / f"{self.source}-{_stamp()}-{uuid.uuid4().hex[:8]}.jsonl"
+        fh = open(path, "xb")  # noqa: SIM115 - held open (and flock'ed) until the batch lands
+        _try_flock(fh)
+        _fsync_dir(self.spool_dir)
+        self._open = _OpenBatch(path, fh)
+        return self._open
+
+    def _land_locked(self) -> str | None:
+        batch, self._open = self._open, None
+        if batch is None:
+            return None
+        try:
+            target = land_spool(batch.path, self.landing_dir)
+        except Exception as exc:
+            self._keep(batch.path, exc)
+            return None
+        finally:
+            batch.close()
+        return target.name if target else None
+
+    def _keep(self, spool: Path, exc: Exception) -> None:
+        """A batch that did not land is never dropped: after a disk error it stays for the next pass;
+        content that cannot be converted goes to ``spool/failed/`` (logged) instead of blocking."""
+        if isinstance(exc, OSError):
+            log.error("landing feedback batch %s failed (%s); kept for retry", spool.name, exc)
+            return
+        failed = self.spool_dir / "failed"
+        failed.mkdir(exist_ok=True)
+        spool.replace(failed / spool.name)
+        log.error("feedback batch %s cannot be converted (%s: %s); moved to %s for inspection", spool.name,
+                  type(exc).__name__, exc, failed)
+
+    def flush(self) -> str | None:
+        """Land the open batch now; returns the landing file name (None: nothing open)."""
+        with self._lock, self._file_lock:
+            return self._land_locked()
+
+    def flush_due(self) -> str | None:
+        """Land the open batch if it is older than ``flush_seconds``; retry batches left behind."""
+        with self._lock, self._file_lock:
+            out = None
+            if self._open is not None and time.monotonic() - self._open.opened >= self.flush_seconds:
+                out = self._land_locked()
+            self._recover_locked()
+            return out
+
+    def recover(self) -> list[str]:
+        """Land spool files that no live process holds; returns their names."""
+        with self._lock, self._file_lock:
+            return self._recover_locked()
+
+    def _recover_locked(self) -> list[str]:
+        landed = []
+        for path in sorted(self.spool_dir.glob(f"{self.source}-*.jsonl")):
+            if self._open is not None and path == self._open.path:
+                continue
+            with open(path, "rb") as fh:
+                if not _try_flock(fh):
+                    continue  # another server process is appending to it
+                try:
+                    target = land_spool(path, self.landing_dir)
+                except Exception as exc:
+                    self._keep(path, exc)
+                    continue
+            log.warning("recovered feedback batch %s (left by a stopped server or a failed landing) -> "
+                        "landing/%s", path.name, target.name if target else "(empty)")
+            landed.append(path.name)
+        return landed
+
+    # ---- the flush thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        tick = min(max(self.flush_seconds / 2, 0.05), 1.0)
+        while not self._stop.wait(tick):
+            try:
+                self.flush_due()
+            except Exception:
+                log.exception("flushing feedback failed")
+
+    def start(self) -> None:
+        if self._thread is None and self.flush_seconds > 0:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="recloop-feedback-flush", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the flush thread and land the open batch (shutdown)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.flush()
 
 
 class ImpressionLog:

@@ -10,6 +10,13 @@ One background thread (:meth:`ModelHolder.start`) does all the maintenance in or
 refresh the cached store view, poll the model source every ``poll_seconds``, rebuild the
 item index when the catalog changed. A single writer means no races between these.
 
+A champion that fails to load never leaves the service without a model: with nothing served
+yet (a start, or only broken versions so far) the holder walks the source's
+``fallback_versions`` — for the registry the ``previous`` alias, then older promoted versions,
+newest first — and serves the first that loads; with a model already served it keeps serving
+it. Either way ``/health`` says ``degraded`` with the reason until the champion loads again
+(retried every few polls), and every fallback and repair is logged.
+
 Model sources (the loader is injectable):
 
 * :class:`RegistryModelSource` — ``models:/<model_name>@champion`` in MLflow;
@@ -41,6 +48,9 @@ class ModelSource(Protocol):
 
     def load(self, version: str) -> tuple[Any, dict]:
         """Load ``version``: ``(Recommender, info)``; ``info`` feeds ``GET /model``."""
+
+    # optional: ``fallback_versions(failed: str) -> list[str]``, the versions to serve instead of a
+    # champion that does not load, best first (see ModelHolder.poll_once)
 
 
 def _recommender_cls():
@@ -84,7 +94,23 @@ class LocalDirModelSource:
 
         if not (self.root / version).is_dir():
             raise FileNotFoundError(f"no model folder {self.root / version}")
+        current = self.current_version() if (self.root / "CHAMPION").is_file() else None
+        if current and current != version:
+            atomic_write_bytes(self.root / "PREVIOUS", current.encode())
         atomic_write_bytes(self.root / "CHAMPION", version.encode())
+
+    def fallback_versions(self, failed: str) -> list[str]:
+        """``PREVIOUS`` (the champion before, kept by :meth:`set_champion`), then the other model
+        folders, newest name first (numeric names by number)."""
+        if not (self.root / "CHAMPION").is_file():
+            return []
+        out = []
+        pointer = self.root / "PREVIOUS"
+        if pointer.is_file():
+            out.append(pointer.read_text(encoding="utf-8").strip())
+        folders = [p.name for p in self.root.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+        out += sorted(folders, key=lambda n: (n.isdigit(), int(n) if n.isdigit() else 0, n), reverse=True)
+        return _dedup([v for v in out if v and v != failed])
 
 
 class InMemoryModelSource:
@@ -98,8 +124,13 @@ class InMemoryModelSource:
             self.set(version or "1", model, info)
 
     def set(self, version: str, model, info: dict | None = None) -> None:
+        self._models.pop(version, None)
         self._models[version] = (model, dict(info or {}))
         self._current = version
+
+    def fallback_versions(self, failed: str) -> list[str]:
+        """The versions set before, the most recent first."""
+        return [v for v in reversed(list(self._models)) if v != failed]
 
     def current_version(self) -> str | None:
         return self._current
@@ -126,7 +157,12 @@ class RegistryModelSource:
     def load(self, version: str) -> tuple[Any, dict]:
         from models import registry
 
+        before = self._cache_stamp(version)
         model, vinfo = registry.load_version(self.settings, version)
+        after = self._cache_stamp(version)
+        if before is not None and after != before:  # load_version found the cache corrupt and re-fetched it
+            log.warning("repaired: the local cache of version %s failed its checksum and was re-fetched from "
+                        "the registry", version)
         info = {"source": f"models:/{self.settings.model_name}@{self.alias}", **_model_info(model)}
         info.update({k: v for k, v in vinfo.items() if k not in ("version",)})
         info["version"] = str(vinfo.get("version", version))
@@ -135,6 +171,40 @@ class RegistryModelSource:
             info["trained_window"] = {**info.get("trained_window", {}), **run.pop("trained_window")}
         info.update(run)
         return model, info
+
+    def _cache_stamp(self, version: str) -> tuple[int, int] | None:
+        """When the version's local cache was completed (None: no complete cache)."""
+        from models import registry
+
+        cache_dir = getattr(registry, "_cache_dir", None)
+        if cache_dir is None:
+            return None
+        try:
+            st = (cache_dir(self.settings, str(version)) / "COMPLETE").stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def fallback_versions(self, failed: str) -> list[str]:
+        """The ``previous`` alias, then older versions promoted once (tag ``gate_decision = promoted``),
+        newest first; never a rolled-back, rejected or failed one."""
+        from models import registry
+
+        c = registry.client(self.settings)
+        name = self.settings.model_name
+        out = []
+        try:
+            out.append(str(c.get_model_version_by_alias(name, "previous").version))
+        except Exception as exc:  # no such alias
+            log.debug("no 'previous' alias on %s: %s", name, exc)
+        try:
+            versions = c.search_model_versions(f"name='{name}'")
+        except Exception as exc:
+            log.warning("listing versions of %s for a fallback failed: %s", name, exc)
+            versions = []
+        promoted = [mv for mv in versions if (mv.tags or {}).get("gate_decision") == "promoted"]
+        out += [str(mv.version) for mv in sorted(promoted, key=lambda mv: int(mv.version), reverse=True)]
+        return _dedup([v for v in out if v != str(failed)])
 
     def _run_info(self, run_id: str | None) -> dict:
         """Metrics and the training window logged with the version's run (best effort)."""
@@ -152,6 +222,10 @@ class RegistryModelSource:
         if window:
             out["trained_window"] = window
         return out
+
+
+def _dedup(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
 
 
 def _model_info(model) -> dict:
@@ -192,6 +266,7 @@ class ModelHolder:
         self.current: Served | None = None
         self.swaps = 0
         self.last_error: str | None = None
+        self.degraded: str | None = None  # why the champion is not what is served (None: it is)
         self.last_poll: float | None = None
         self._failed: dict[str, float] = {}
         self._stop = threading.Event()
@@ -200,7 +275,11 @@ class ModelHolder:
 
     # ---- maintenance ------------------------------------------------------------------------
     def poll_once(self) -> bool:
-        """Load and swap in the source's current version if it differs from the one served."""
+        """Serve the source's current version if it differs from the one served (True: swapped).
+
+        A version that fails to load is retried after a few poll intervals; meanwhile the model
+        served stays, or — with none served — the first loadable of ``source.fallback_versions``.
+        """
         with self._lock:
             self.last_poll = time.time()
             try:
@@ -209,30 +288,76 @@ class ModelHolder:
                 self.last_error = f"polling the model source failed: {exc}"
                 log.warning(self.last_error)
                 return False
-            if version is None or (self.current is not None and version == self.current.version):
+            cur = self.current
+            if version is None or (cur is not None and version == cur.version):
+                if cur is not None and version == cur.version and self.degraded:
+                    log.warning("repaired: serving the champion, version %s, again", version)
+                    self.degraded = None
                 return False
             retry_at = self._failed.get(version)
             if retry_at is not None and time.time() < retry_at:
                 return False
-            try:
-                model, info = self.source.load(version)
-                version = str(info.get("version", version))
-                data = self.view.data
-                index = ItemIndex.build(model, data.catalog.reset_index())
-            except Exception as exc:  # keep serving the old model; try again later
-                self.last_error = f"loading version {version} failed: {type(exc).__name__}: {exc}"
-                self._failed[version] = time.time() + max(self.settings.serving.poll_seconds, 1.0) * 3
-                log.exception("loading model version %s failed", version)
+            error = self._try_swap(version)
+            if error is None:
+                if self.degraded:
+                    log.warning("repaired: champion version %s loads again (%s)", version, self.degraded)
+                self.degraded = None
+                self.last_error = None
+                return True
+            self._failed[version] = time.time() + max(self.settings.serving.poll_seconds, 1.0) * 3
+            self.last_error = f"loading version {version} failed: {error}"
+            if cur is not None:
+                self.degraded = (f"champion version {version} does not load ({error}); still serving "
+                                 f"version {cur.version}")
+                log.warning("degraded: %s", self.degraded)
                 return False
-            info = {**info, "version": version}
-            self.current = Served(model=model, version=version, info=info, index=index,
-                                  catalog_sig=data.catalog_sig)
-            self.swaps += 1
-            self.last_error = None
-            self._failed.pop(version, None)
-            log.info("serving model version %s (%d items indexed in %.1fs, %d encoded)", version, len(index),
-                     index.build_seconds, index.n_encoded)
-            return True
+            return self._fall_back(version, error)
+
+    def _try_swap(self, version: str, fallback_for: str | None = None) -> str | None:
+        """Load ``version`` and swap it in; returns the error text instead of raising."""
+        try:
+            model, info = self.source.load(version)
+            version = str(info.get("version", version))
+            data = self.view.data
+            index = ItemIndex.build(model, data.catalog.reset_index())
+        except Exception as exc:
+            log.exception("loading model version %s failed", version)
+            return f"{type(exc).__name__}: {exc}"
+        info = {**info, "version": version}
+        if fallback_for is not None:
+            info["fallback_for"] = fallback_for
+        self.current = Served(model=model, version=version, info=info, index=index, catalog_sig=data.catalog_sig)
+        self.swaps += 1
+        self._failed.pop(version, None)
+        log.info("serving model version %s (%d items indexed in %.1fs, %d encoded)", version, len(index),
+                 index.build_seconds, index.n_encoded)
+        return None
+
+    def _fall_back(self, failed: str, error: str) -> bool:
+        """Nothing served and the champion broken: serve the newest fallback version that loads."""
+        fallbacks = getattr(self.source, "fallback_versions", None)
+        try:
+            candidates = list(fallbacks(failed)) if fallbacks is not None else []
+        except Exception as exc:
+            log.warning("listing fallback versions failed: %s", exc)
+            candidates = []
+        tried = []
+        for v in candidates:
+            retry_at = self._failed.get(v)
+            if retry_at is not None and time.time() < retry_at:
+                continue
+            problem = self._try_swap(v, fallback_for=failed)
+            if problem is None:
+                self.degraded = (f"champion version {failed} does not load ({error}); serving fallback version "
+                                 f"{v}" + (f" (also broken: {', '.join(tried)})" if tried else ""))
+                log.warning("degraded: %s", self.degraded)
+                return True
+            self._failed[v] = time.time() + max(self.settings.serving.poll_seconds, 1.0) * 3
+            tried.append(v)
+        self.degraded = (f"champion version {failed} does not load ({error}); no fallback version loads"
+                         + (f" (tried {', '.join(tried)})" if tried else " (none known)"))
+        log.error("no model to serve: %s", self.degraded)
+        return False
 
     def refresh_data(self) -> bool:
         """Refresh the store view; rebuild the item index (incrementally) if the catalog changed."""

@@ -24,6 +24,8 @@ from serving.lifecycle import LocalDirModelSource
 
 pytest.importorskip("models.recommender")
 
+LOCAL = "http://127.0.0.1"  # the server answers to loopback Host names only (serving.allowed_hosts)
+
 
 @pytest.fixture(scope="session")
 def tiny_world():
@@ -64,7 +66,7 @@ def served(settings, tiny_world, tiny_models, tmp_path):
     store.append(tiny_world.events, batch_id="world")
     source = LocalDirModelSource(models)
     app = create_app(settings, model_source=source, start_background=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client, app, source, settings
 
 
@@ -80,7 +82,7 @@ def shared(tmp_path_factory, tiny_world, tiny_models):
     store.append(tiny_world.events, batch_id="world")
     shutil.copytree(tiny_models, root / "models")
     app = create_app(settings, model_source=LocalDirModelSource(root / "models"), start_background=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client, app, None, settings
 
 
@@ -158,7 +160,7 @@ def test_search_semantics_and_new_item_with_text_model(settings):
     store.upsert_catalog(catalog_frame())
     store.append(events_frame(catalog_frame()), batch_id="seed")
     app = create_app(settings, model_source=InMemoryModelSource(TextHashRecommender(), "3"), start_background=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         r = client.get("/search", params={"q": "saxophone bebop", "k": 3}).json()
         assert r["items"][0]["category"] == "jazz" and r["items"][0]["reason"].startswith("matches: ")
         r = client.get("/recommend", params={"user_id": "u1", "k": 3}).json()
@@ -184,7 +186,7 @@ def test_health_and_model(served):
 
 def test_health_is_503_without_a_model(settings, tmp_path):
     app = create_app(settings, model_source=LocalDirModelSource(tmp_path / "empty"), start_background=False)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert client.get("/health").status_code == 503
         assert client.get("/recommend", params={"user_id": "u1"}).status_code == 503
         assert client.get("/model").status_code == 503
@@ -198,7 +200,9 @@ def test_feedback_single_and_batch_land_in_the_contract_format(served):
     assert r.status_code == 202 and r.json() == {"accepted": 1, "duplicates": 0, "batch_file": r.json()["batch_file"]}
     r = client.post("/feedback", json={"events": [_event("f2", item=item, etype="like"), _event("f1", item=item)]})
     assert r.status_code == 202 and r.json()["accepted"] == 1 and r.json()["duplicates"] == 1
+    assert app.state.writer.flush() == r.json()["batch_file"]  # micro-batched: one landing file for both posts
     files = sorted(settings.landing_dir.glob("serving-*.parquet"))
+    assert [f.name for f in files] == [r.json()["batch_file"]]
     landed = pd.concat([pd.read_parquet(f) for f in files])
     assert sorted(landed["event_id"]) == ["f1", "f2"]
     assert dict(zip(landed["event_id"], landed["label"])) == {"f1": 1, "f2": 1}
@@ -209,13 +213,14 @@ def test_feedback_single_and_batch_land_in_the_contract_format(served):
 
 
 def test_concurrent_duplicate_feedback_is_stored_once(served):
-    client, _, _, settings = served
+    client, app, _, settings = served
     item = _an_item(settings)
     batch = {"events": [_event(f"dup-{i}", item=item, user=f"u{i:04d}") for i in range(10)]}
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: client.post("/feedback", json=batch), range(16)))
     assert all(r.status_code == 202 for r in results)
     assert sum(r.json()["accepted"] for r in results) == 10
+    app.state.writer.flush()
     landed = pd.concat([pd.read_parquet(f) for f in settings.landing_dir.glob("serving-*.parquet")])
     assert sorted(landed["event_id"]) == sorted(e["event_id"] for e in batch["events"])
 
@@ -223,10 +228,11 @@ def test_concurrent_duplicate_feedback_is_stored_once(served):
 @pytest.mark.slow
 def test_landed_feedback_passes_the_ingest_checks(served):
     dc = pytest.importorskip("data_checks.ingest", reason="data_checks room not built yet")
-    client, _, _, settings = served
+    client, app, _, settings = served
     item = _an_item(settings)
     now = pd.Timestamp.now(tz="UTC").isoformat()
     assert client.post("/feedback", json={"events": [_event("ing-1", item=item, timestamp=now)]}).status_code == 202
+    app.state.writer.flush()
     out = dc.ingest_all(settings)
     assert [o.status for o in out if o.batch_id.startswith("serving")] == ["ingested"]
 
@@ -314,7 +320,7 @@ def test_token_guards_feedback_and_admin(settings, tiny_world, tiny_models, tmp_
     shutil.copytree(tiny_models, models)
     app = create_app(settings, model_source=LocalDirModelSource(models), start_background=False)
     item = str(tiny_world.catalog["item_id"].iloc[0])
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert client.post("/feedback", json=_event("t1", item=item)).status_code == 401
         assert client.post("/feedback", json=_event("t1", item=item),
                            headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -386,7 +392,7 @@ def test_polling_thread_picks_up_a_new_champion(settings, tiny_world, tiny_model
     shutil.copytree(tiny_models, models)
     source = LocalDirModelSource(models)
     app = create_app(settings, model_source=source)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert client.get("/health").json()["model_version"] == "1"
         source.set_champion("2")
         deadline = time.monotonic() + 20
@@ -418,7 +424,7 @@ def test_serves_the_registry_champion_and_follows_the_alias(settings, tiny_world
     store.upsert_catalog(tiny_world.catalog)
     store.append(tiny_world.events, batch_id="world")
     app = create_app(settings, start_background=False)  # no source given: the registry
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert client.get("/health").status_code == 503  # no registry, no champion yet
         _, v1 = registry.log_and_register(settings, tiny_models / "1", _evaluation(), catalog=tiny_world.catalog)
         _, v2 = registry.log_and_register(settings, tiny_models / "2", _evaluation(), catalog=tiny_world.catalog)
