@@ -8,7 +8,9 @@ import typer
 
 from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
 
-PathArg = typer.Argument(None, help="One landing file (default: use --all)")
+PathArg = typer.Argument(None, help="One file inside the workspace's landing/ (or use --all / --copy-from)")
+CopyFromOpt = typer.Option(None, "--copy-from", metavar="FILE",
+                           help="Copy FILE (from anywhere; left untouched) into landing/, then ingest the copy")
 IdArg = typer.Argument(..., metavar="ID", help="Id from `recloop quarantine list`")
 quarantine_app = typer.Typer(help="Batches and rows held back by the data checks.", no_args_is_help=True)
 
@@ -27,17 +29,30 @@ def _render_outcomes(outcomes: list[dict]) -> None:
 def ingest(
     path: Path = PathArg,
     all_: bool = typer.Option(False, "--all", help="Ingest every file waiting in landing/"),
+    copy_from: Path = CopyFromOpt,
     workspace: Path = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
-    """Validate landing files with Great Expectations; store good rows, quarantine the rest with reasons."""
-    from data_checks.ingest import ingest_all, ingest_batch
+    """Validate landing files with Great Expectations; store good rows, quarantine the rest with reasons.
 
-    if (path is None) == (not all_):
-        fail("give either a PATH or --all")
+    PATH must lie inside the workspace's landing/ (after symlinks and `..`): ingest moves the file
+    on to processed/ or quarantine/. A file from elsewhere comes in only as a copy, with --copy-from.
+    """
+    from data_checks.ingest import confine_to_landing, copy_into_landing, ingest_all, ingest_batch
+    from recloop.paths import PathOutsideRoot
+
+    if sum((path is not None, all_, copy_from is not None)) != 1:
+        fail("give either a PATH, --all or --copy-from FILE")
     s = settings_for(workspace)
     try:
-        outcomes = ingest_all(s) if all_ else [ingest_batch(path, s)]
+        if all_:
+            outcomes = ingest_all(s)
+        elif copy_from is not None:
+            outcomes = [ingest_batch(copy_into_landing(copy_from, s), s)]
+        else:  # relative to the shell's directory, as any CLI path; then it must be inside landing/
+            outcomes = [ingest_batch(confine_to_landing(path.absolute(), s), s)]
+    except PathOutsideRoot as exc:
+        fail(f"{exc} (to ingest a file from elsewhere, copy it in: recloop ingest --copy-from FILE)")
     except FileNotFoundError as exc:
         fail(str(exc))
     emit([o.to_dict() for o in outcomes], as_json, _render_outcomes)
@@ -62,7 +77,7 @@ def quarantine_release(entry_id: str = IdArg,
 
     try:
         out = release(settings_for(workspace), entry_id)
-    except (KeyError, FileNotFoundError) as exc:
+    except (KeyError, ValueError, FileNotFoundError) as exc:
         fail(str(exc.args[0] if exc.args else exc))
     emit([out.to_dict()], as_json, _render_outcomes)
     if out.status == "quarantined":

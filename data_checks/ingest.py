@@ -11,9 +11,14 @@ Steps for one file (``ingest_batch``), each safe to repeat:
 3. valid rows → ``FeedbackStore.append(rows, batch_id)`` (idempotent on ``event_id``);
 4. invalid rows of a split batch → ``quarantine/<stem>.rejected.parquet`` with a
    per-row ``_reason`` column (and its own ``.validation.json``);
-5. ``<dest>/<file>.validation.json`` written, then the file is moved with
-   ``os.replace`` (atomic) to ``processed/`` or ``quarantine/``;
+5. ``<dest>/<file>.validation.json`` written, then the file is moved to ``processed/`` or
+   ``quarantine/`` (``recloop.store.move_file``: ``os.replace``, or copy + fsync + rename when
+   ``landing/`` is on another filesystem);
 6. the state becomes ``stage = "done"``.
+
+Only files inside ``landing/`` are ingested (``recloop.paths.confine``: after ``..`` and
+symlinks are resolved); ``quarantine release`` may re-ingest files inside ``quarantine/``.
+A file from elsewhere enters only as a *copy* (``copy_into_landing``), never moved.
 
 A crash anywhere after step 2 leaves the file in ``landing/`` and the verdict in
 ``state/``; the next run resumes from step 3 with the same verdict (no second
@@ -25,7 +30,9 @@ nothing, so the re-run starts afresh.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +49,17 @@ from data_checks.validate import (
     prepare_feedback_frame,
     validate_frame,
 )
-from recloop.store import FeedbackStore, atomic_write_json, atomic_write_parquet, file_sha256
+from recloop.paths import confine
+from recloop.store import (
+    FeedbackStore,
+    atomic_write_json,
+    atomic_write_parquet,
+    file_sha256,
+    fsync_dir,
+    move_file,
+)
+
+log = logging.getLogger(__name__)
 
 STATUS_BY_DECISION = {"pass": "ingested", "split": "partial", "quarantine": "quarantined"}
 SIDECAR_SUFFIX = ".validation.json"
@@ -107,19 +124,69 @@ def sidecar_path(data_path: Path) -> Path:
     return data_path.with_name(data_path.name + SIDECAR_SUFFIX)
 
 
-def _free_name(dest: Path, sha: str) -> Path:
-    """``dest``, or ``<stem>.<sha8><suffix>`` when another file already has that name."""
-    if not dest.exists():
+def _free_name(dest: Path, sha: str, *, reuse_same: bool = False) -> Path:
+    """``dest``, or ``<stem>.<sha8><suffix>`` when another file already has that name.
+
+    ``reuse_same``: a file there with the same bytes is this batch's own copy from an interrupted
+    cross-filesystem move (or the same delivery again): reuse the name.
+    """
+    if not dest.exists() or (reuse_same and dest.is_file() and file_sha256(dest) == sha):
         return dest
     return dest.with_name(f"{dest.stem}.{sha[:8]}{dest.suffix}")
 
 
 def pending_batches(settings) -> list[Path]:
-    """Files waiting in ``landing/`` (hidden temp files of atomic writes excluded), oldest name first."""
+    """Files waiting in ``landing/`` (hidden temp files of atomic writes excluded), oldest name first.
+
+    A symlink that points outside ``landing/`` is left where it is, with a warning: following it
+    would read (and quarantine) a file from anywhere on the machine.
+    """
     d = settings.landing_dir
     if not d.exists():
         return []
-    return sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+    out = []
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        try:
+            confine(p, d)
+        except ValueError as exc:
+            log.warning("skipping landing entry %s: %s", p.name, exc)
+            continue
+        out.append(p)
+    return out
+
+
+def confine_to_landing(path: str | Path, settings) -> Path:
+    """``path`` resolved inside ``landing/`` (relative paths are relative to it); ``ValueError`` if not."""
+    return confine(path, settings.landing_dir)
+
+
+def copy_into_landing(source: str | Path, settings) -> Path:
+    """Copy a file from anywhere into ``landing/`` (temp file + fsync + rename); the source is untouched.
+
+    The explicit way in for a file outside the workspace (``recloop ingest --copy-from``). The copy
+    keeps the source's name, or ``<stem>.<sha8><suffix>`` when that name is taken by other bytes.
+    """
+    src = Path(source).expanduser()
+    if not src.is_file():
+        raise FileNotFoundError(f"no such file to copy: {source}")
+    landing = settings.landing_dir
+    landing.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=landing, prefix=f".{src.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+            for chunk in iter(lambda: inp.read(1 << 20), b""):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        dest = _free_name(landing / src.name, file_sha256(Path(tmp)), reuse_same=True)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(landing)
+    return dest
 
 
 def _find_previous(settings, name: str) -> dict | None:
@@ -135,11 +202,14 @@ def ingest_batch(path: str | Path, settings, *, now=None, force: bool = False,
                  released_from: str | None = None) -> IngestOutcome:
     """Validate one landing file and store its valid rows; see the module docstring for the steps.
 
-    ``force`` re-validates content that was already handled (used by ``quarantine release``).
+    ``path`` must resolve inside ``landing/`` (``ValueError`` otherwise; a relative path is
+    relative to ``landing/``); with ``released_from`` (``quarantine release``) inside
+    ``quarantine/``. ``force`` re-validates content that was already handled.
     """
     settings.ensure_dirs()
+    path = confine(path, settings.quarantine_dir if released_from else settings.landing_dir)
     with FileLock(str(_state_dir(settings) / ".lock")):
-        return _ingest_locked(Path(path), settings, now=now, force=force, released_from=released_from)
+        return _ingest_locked(path, settings, now=now, force=force, released_from=released_from)
 
 
 def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str | None) -> IngestOutcome:
@@ -203,14 +273,15 @@ def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str
             out.quarantined_rows_path = str(_write_rejected(v, ~mask, validation, settings, stem, batch_id, out))
 
     dest_dir = settings.quarantine_dir if validation.decision == "quarantine" else settings.processed_dir
-    dest = path if path.parent.resolve() == dest_dir.resolve() else _free_name(dest_dir / path.name, sha)
+    dest = (path if path.parent.resolve() == dest_dir.resolve()
+            else _free_name(dest_dir / path.name, sha, reuse_same=True))
     out.destination = str(dest)
     out.validation_path = str(sidecar_path(dest))
     out.seconds = round(time.perf_counter() - t0, 3)
     atomic_write_json({"outcome": out.to_dict(), "validation": validation.to_dict(),
                        "bad_row_sample": _bad_sample(v, validation)}, sidecar_path(dest))
     if dest != path:
-        os.replace(path, dest)  # atomic on one filesystem; the workspace is one folder
+        move_file(path, dest)  # os.replace, or copy + fsync + rename across filesystems
         old_sidecar = sidecar_path(path)
         if old_sidecar.exists():  # a released file leaves its old verdict behind
             old_sidecar.unlink()
@@ -236,6 +307,15 @@ def _bad_sample(v: pd.DataFrame | None, validation: ValidationOutcome, k: int = 
              "reason": validation.row_reasons.iat[i]} for i, (_, r) in zip(bad, rows.iterrows())]
 
 
+def _rows_of(path: Path, batch_id: str) -> bool:
+    """Whether ``path`` holds the rows split off ``batch_id`` (its sidecar says so)."""
+    try:
+        doc = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return doc.get("parent_batch_id") == batch_id
+
+
 def _write_rejected(v, bad_mask, validation, settings, stem, batch_id, out) -> Path:
     from recloop.schema import FEEDBACK_COLUMNS
 
@@ -245,7 +325,7 @@ def _write_rejected(v, bad_mask, validation, settings, stem, batch_id, out) -> P
         if rows[c].dtype == object:
             rows[c] = rows[c].astype("string")
     path = settings.quarantine_dir / f"{stem}{REJECTED_SUFFIX}"
-    if path.exists():
+    if path.exists() and not _rows_of(path, batch_id):  # this batch's own, from a run that crashed: rewrite it
         path = path.with_name(f"{stem}.{batch_id[-12:]}{REJECTED_SUFFIX}")
     atomic_write_parquet(rows, path)
     rows_outcome = IngestOutcome(batch_id=f"{batch_id}-rejected", source=out.source, status="quarantined",
@@ -267,7 +347,7 @@ def _skip_duplicate(path: Path, settings, sha: str, batch_id: str, state: dict, 
                         destination=str(dest), validation_path=str(sidecar_path(dest)),
                         seconds=round(time.perf_counter() - t0, 3))
     atomic_write_json({"outcome": out.to_dict()}, sidecar_path(dest))
-    os.replace(path, dest)
+    move_file(path, dest)
     return out
 
 

@@ -46,6 +46,10 @@ def list_quarantine(settings) -> list[dict]:
 
 
 def find_entry(settings, entry_id: str) -> dict:
+    """The entry with this id, or the one entry whose id starts with it; an empty id matches nothing."""
+    if entry_id is None or not str(entry_id).strip():
+        raise ValueError("an empty id matches nothing; give an id (or a prefix of one) from "
+                         "`recloop quarantine list`")
     entries = list_quarantine(settings)
     exact = [e for e in entries if e["id"] == entry_id]
     matches = exact or [e for e in entries if e["id"] and e["id"].startswith(entry_id)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, settings_for, table
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, settings_for, table, terminate_like_ctrl_c
 
 
 def register(app: typer.Typer) -> None:
@@ -20,27 +20,29 @@ def up(workspace: Path = WorkspaceOpt,
        background: bool = typer.Option(False, "--background", help="Start and return; stop with `recloop down`"),
        mlflow: bool = typer.Option(True, help="Start the MLflow UI server"),
        serve: bool = typer.Option(True, help="Start the serving API")):
-    """Start Prefect server + deployments, MLflow server and the serving API on loopback."""
-    import time
+    """Start Prefect server + deployments, MLflow server and the serving API on loopback.
 
-    from flows.stack import Stack
+    In the foreground, Ctrl-C, SIGTERM (docker stop, systemd) and SIGHUP stop every service.
+    """
+    from flows.stack import Stack, run_foreground
 
     s = settings_for(workspace)
-    stack = Stack(s, with_mlflow=mlflow, with_serving=serve).start()
-    table("recloop is up", ["service", "url"], [[k, v] for k, v in stack.urls().items()])
-    print(f"logs: {stack.log_dir}")
+    stack = Stack(s, with_mlflow=mlflow, with_serving=serve)
+
+    def started(st) -> None:
+        table("recloop is up", ["service", "url"], [[k, v] for k, v in st.urls().items()])
+        print(f"logs: {st.log_dir}")
+
     if background:
+        with terminate_like_ctrl_c():  # a signal while starting still stops what has started
+            stack.start()
+        started(stack)
         print("stop with: recloop down" + (f" -w {workspace}" if workspace else ""))
         return
-    print("Ctrl-C stops everything.")
-    try:
-        while all(svc.proc.poll() is None for svc in stack.services if svc.proc):
-            time.sleep(1)
-        print("a service exited; stopping the stack")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stack.stop()
+    with terminate_like_ctrl_c():
+        why = run_foreground(stack, on_started=lambda st: (started(st), print("Ctrl-C stops everything.")))
+    if why == "a service exited":
+        print("a service exited; the stack is stopped")
 
 
 def down(workspace: Path = WorkspaceOpt):
@@ -57,7 +59,8 @@ def retrain(workspace: Path = WorkspaceOpt, reason: str = typer.Option("manual",
     from flows.retrain import retrain_flow
 
     s = settings_for(workspace)
-    out = retrain_flow(reason=reason, workspace=str(s.root))
+    with terminate_like_ctrl_c():  # SIGTERM unwinds, so Prefect's temporary server is stopped at exit
+        out = retrain_flow(reason=reason, workspace=str(s.root))
     emit(out, as_json, _render_retrain)
 
 
@@ -66,7 +69,8 @@ def loop(workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt):
     from flows.loop import loop_flow
 
     s = settings_for(workspace)
-    out = loop_flow(workspace=str(s.root))
+    with terminate_like_ctrl_c():
+        out = loop_flow(workspace=str(s.root))
     emit(out, as_json)
 
 

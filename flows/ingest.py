@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from data_checks.ingest import ingest_batch, pending_batches
+from data_checks.ingest import confine_to_landing, ingest_batch, pending_batches
 from flows.events import FEEDBACK_INGESTED, FEEDBACK_QUARANTINED, workspace_resource
 from recloop.settings import load_settings
 
@@ -71,12 +71,17 @@ def summary_markdown(settings, outcomes: list[dict]) -> str:
       description="Validate every new landing file with Great Expectations; store good rows, quarantine bad "
                   "batches with reasons; one event per file.")
 def ingest_flow(workspace: str | None = None, paths: list[str] | None = None) -> dict:
-    """Ingest ``paths`` (default: everything in landing/); returns the outcomes and event ids."""
-    from pathlib import Path
+    """Ingest ``paths`` (default: everything in landing/); returns the outcomes and event ids.
 
+    Each of ``paths`` must resolve inside the workspace's ``landing/`` (a relative path is relative
+    to it); one that does not fails the run before any file is touched.
+    """
     settings = load_settings(workspace).ensure_dirs()
+    # checked first, before any Prefect call: a refused path fails the run with nothing touched
+    files = [confine_to_landing(p, settings) for p in paths] if paths else None
     logger = get_run_logger()
-    files = [Path(p) for p in paths] if paths else list_task(settings)
+    if files is None:
+        files = list_task(settings)
     outcomes, events = [], []
     for path in files:
         out = ingest_task(path, settings).to_dict()

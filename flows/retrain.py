@@ -22,6 +22,7 @@ from prefect.concurrency.sync import concurrency
 from flows.events import MODEL_PROMOTED, MODEL_REJECTED, emit
 from models import pipeline
 from recloop.settings import load_settings
+from recloop.paths import confine
 from recloop.store import atomic_write_json
 
 RETRAIN_LIMIT = "recloop-retrain"
@@ -121,8 +122,9 @@ def _storm(settings, what: str, **kw) -> None:
                   "register it in MLflow and promote it only if every gate passes.")
 def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_report: str | None = None) -> dict:
     settings = load_settings(workspace)
+    # an event without a report renders the template as ""; a report must lie under reports/ (it is uploaded)
+    drift_report = str(confine(drift_report, settings.reports_dir)) if drift_report else None
     logger = get_run_logger()
-    drift_report = drift_report or None  # an event without a report renders the template as ""
     ensure_retrain_limit()
     with concurrency(RETRAIN_LIMIT, occupy=1, strict=True):
         held_from = datetime.now(timezone.utc).isoformat()

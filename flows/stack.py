@@ -8,6 +8,8 @@
 
 Child processes run in their own process group; their pids are kept in
 ``<workspace>/state/stack.json`` so ``recloop down`` can stop a background stack.
+A foreground stack (``run_foreground``) stops every child on Ctrl-C and, under
+``recloop.cli_common.terminate_like_ctrl_c``, on SIGTERM/SIGHUP too.
 """
 
 from __future__ import annotations
@@ -172,17 +174,7 @@ class Stack:
         return {s.name: s.url for s in self.services if s.url}
 
     def stop(self, grace: float = 10.0) -> None:
-        for svc in reversed(self.services):
-            if svc.proc and svc.proc.poll() is None:
-                _killpg(svc.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for svc in reversed(self.services):
-            if svc.proc:
-                try:
-                    svc.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    _killpg(svc.proc.pid, signal.SIGKILL)
-                    svc.proc.wait(5)
+        stop_process_groups([svc.proc for svc in reversed(self.services) if svc.proc], grace)
         (self.settings.state_dir / "stack.json").unlink(missing_ok=True)
 
     def __enter__(self) -> "Stack":
@@ -190,6 +182,25 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def run_foreground(stack: Stack, on_started=None, poll_s: float = 1.0) -> str:
+    """Start ``stack``, wait until one service exits or the caller is interrupted, then stop them all.
+
+    Ctrl-C returns ``"interrupted"``; any other exception (e.g. SIGTERM turned into an exception
+    by ``terminate_like_ctrl_c``) propagates after every child is stopped.
+    """
+    try:
+        stack.start()
+        if on_started is not None:
+            on_started(stack)
+        while all(svc.proc.poll() is None for svc in stack.services if svc.proc):
+            time.sleep(poll_s)
+        return "a service exited"
+    except KeyboardInterrupt:
+        return "interrupted"
+    finally:
+        stack.stop()
 
 
 def _port_of(url: str | None) -> int | None:
@@ -213,6 +224,40 @@ def _killpg(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    """Signal ``p``'s process group; a process that leads no group of its own gets the signal alone."""
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        if p.poll() is None:
+            p.send_signal(sig)
+    except PermissionError:
+        pass
+
+
+def stop_process_groups(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM each process's group (started with ``start_new_session=True``), wait up to ``grace``
+    seconds in all, then SIGKILL the groups still running; every process is reaped.
+
+    The whole group goes, so a child's own children (uvicorn workers, flow-run subprocesses) go too;
+    SIGKILL is sent to the group even when its leader has exited, for children that ignored SIGTERM.
+    """
+    for p in procs:
+        if p.poll() is None:
+            _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(p, signal.SIGKILL)  # stragglers of the group (no-op when it is empty)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state): report, do not hang
+            pass
 
 
 def stop_background(settings) -> list[str]:

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import math
 import os
 from pathlib import Path
@@ -61,6 +63,10 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+_TEXT_CACHE: dict[tuple, OrderedDict] = {}  # see TextEncoder.encode_pretrained
+_TEXT_CACHE_MAX = 50_000  # texts kept per encoder (384-d float32: ~77 MB)
+
+
 class TextEncoder(nn.Module):
     """A local BERT-family encoder with mean pooling."""
 
@@ -75,9 +81,9 @@ class TextEncoder(nn.Module):
         self.path = path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         try:
-            self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            self.model = AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True)
         except TypeError:  # a BERT-family model without that argument
-            self.model = AutoModel.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path, use_safetensors=True)
         self.max_tokens = int(max_tokens)
 
     @property
@@ -131,6 +137,26 @@ class TextEncoder(nn.Module):
             out[torch.as_tensor(idx)] = self(ids.to(device), mask.to(device)).float().cpu()
         self.model.train(was_training)
         return out
+
+    def encode_pretrained(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        """:meth:`encode` with the **unchanged pretrained** weights, through a per-process cache keyed
+        by the encoder folder's weight files (path, size, mtime) and ``max_tokens``: a replay or a
+        scheduler running many frozen-mode retrains encodes each item text once. Only for encoders
+        loaded from ``path`` and never trained (frozen mode)."""
+        key = (str(self.path.resolve()), self.max_tokens,
+               tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(self.path.glob("*.safetensors"))))
+        cache = _TEXT_CACHE.setdefault(key, OrderedDict())
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            vecs = self.encode(missing, batch_size)
+            for t, v in zip(missing, vecs):
+                cache[t] = v
+        out = torch.stack([cache[t] for t in texts]) if texts else torch.zeros((0, self.dim))
+        for t in texts:
+            cache.move_to_end(t)
+        while len(cache) > _TEXT_CACHE_MAX:
+            cache.popitem(last=False)
+        return out.clone()
 
     def layer_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token of the transformer layers (matmuls + attention scores)."""
@@ -232,7 +258,7 @@ class TextSource(nn.Module):
         for name, texts in (("item", item_texts), ("query", query_texts)):
             texts = list(texts) or [""]
             if self.kind == "frozen":
-                self.register_buffer(f"{name}_vecs", encoder.encode(texts, batch_size), persistent=False)
+                self.register_buffer(f"{name}_vecs", encoder.encode_pretrained(texts, batch_size), persistent=False)
                 continue
             ids, mask = encoder.tokenize(texts)
             self.register_buffer(f"{name}_mask", mask, persistent=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table, terminate_like_ctrl_c
 
 app = typer.Typer(help="recloop: a self-retraining BERT recommender (Prefect, GX, Evidently, Lightning, MLflow).",
                   no_args_is_help=True, add_completion=False)
@@ -184,7 +184,8 @@ def demo(workspace: Path = WorkspaceOpt, fresh: bool = typer.Option(True, help="
     """Run the whole loop on the embedded default (synthetic data, SQLite MLflow, ephemeral Prefect)."""
     from recloop.demo import run_demo
 
-    run_demo(settings_for(workspace), fresh=fresh)
+    with terminate_like_ctrl_c():  # SIGTERM stops the demo's stack like Ctrl-C
+        run_demo(settings_for(workspace), fresh=fresh)
 
 
 def _register_rooms() -> None:

@@ -14,9 +14,11 @@ Every write goes to a temp file in the same folder and is published with
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -92,6 +94,52 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 def atomic_write_json(obj, path: Path) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in ``folder`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory fds: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def move_file(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``: ``os.replace`` on one filesystem, copy + fsync + rename across two.
+
+    Across filesystems (``EXDEV``: a landing folder on its own mount) the bytes go to a hidden
+    temp file beside ``dest``, are fsynced and renamed onto ``dest``; only then is ``src``
+    removed. A crash leaves ``dest`` whole or absent and ``src`` in place until ``dest`` is
+    durable, so repeating the move finishes it (it overwrites ``dest`` with the same bytes).
+    """
+    src, dest = Path(src), Path(dest)
+    try:
+        os.replace(src, dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dest)  # same folder: atomic
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    os.unlink(src)
+    fsync_dir(src.parent)
 
 
 def _to_utc(ts) -> pd.Timestamp | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table, terminate_like_ctrl_c
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,8 @@ def _days(period: str) -> int:
 
 def replay(
     source: str = typer.Option("synthetic", help="synthetic or movielens"),
-    path: Path = typer.Option(None, help="MovieLens-100k folder (u.data, u.item, u.user) for --source movielens"),
+    path: Path = typer.Option(None, help="MovieLens-100k folder for --source movielens: GroupLens files "
+                                         "(u.data, u.item, u.user) or RecBole atomic files (ml-100k.inter, ...)"),
     period: str = typer.Option(None, help="Batch period, e.g. 1d or 7d (default: 1d synthetic, 7d movielens)"),
     policies: str = typer.Option("never,periodic,drift", help="Comma-separated: never, periodic, drift"),
     initial: int = typer.Option(None, help="Periods before the first training (default: 8 synthetic, 4 movielens)"),
@@ -66,7 +67,8 @@ def replay(
         def progress(policy, done, total, rec):
             bar.update(tasks[policy], completed=done)
 
-        out = run_replay(src, root, cfg, progress)
+        with terminate_like_ctrl_c():  # SIGTERM unwinds like Ctrl-C: the temporary Prefect server stops
+            out = run_replay(src, root, cfg, progress)
     emit(out, as_json, _render)
     if out.get("failures"):  # a retrain that raised is a failure of the run, not a rejected candidate
         fail(f"{len(out['failures'])} retrain(s) failed, e.g. {out['failures'][0]['policy']} batch "

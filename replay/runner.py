@@ -101,8 +101,10 @@ def synthetic_source(cfg=None, period_days: int = 1) -> ReplaySource:
 def movielens_source(path, period_days: int = 7) -> ReplaySource:
     from recloop.datasets.batches import split_by_period
     from recloop.datasets.movielens import load_movielens
+    from recloop.datasets.recbole import load_recbole
 
-    data = load_movielens(path)
+    # the GroupLens folder (u.data, u.item, u.user) or RecBole's atomic files (ml-100k.inter, ...)
+    data = load_recbole(path) if any(Path(path).glob("*.inter")) else load_movielens(path)
     return ReplaySource("movielens", list(split_by_period(data.events, period_days).items()), data.catalog,
                         data.users, None)
 

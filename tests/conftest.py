@@ -53,3 +53,77 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+# ---- every test that starts a process stops it (issue 14, item 9) ----------------------------------
+# Descendants inherit this mark through their environment, so an orphan re-parented to init (a server
+# whose parent was SIGKILLed, a `prefect worker` left running) is still found at the end of the session.
+PROCESS_MARK = "PYTEST_RECLOOP_SESSION"
+os.environ[PROCESS_MARK] = f"{os.getpid()}-{os.urandom(6).hex()}"  # this session's own (a nested pytest gets its own)
+EXIT_MANAGED = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")  # end with the interpreter
+
+
+def _leftover_processes() -> list:
+    import psutil
+
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True)}
+    mark = os.environ[PROCESS_MARK]
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me.pid or p.pid in found:
+            continue
+        try:
+            if p.environ().get(PROCESS_MARK) == mark:
+                found[p.pid] = p
+        except (psutil.Error, OSError):
+            continue
+    left = []
+    for p in found.values():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE or any(m in " ".join(p.cmdline()) for m in EXIT_MANAGED):
+                continue
+            left.append(p)
+        except psutil.Error:
+            continue
+    return left
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_child_process_outlives_the_suite():
+    """At the end of the session no process started by a test is still running; any that is, is
+    stopped (SIGTERM, then SIGKILL) and the session fails with its command line."""
+    yield
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dev dependency
+        import warnings
+
+        warnings.warn("psutil is not installed: the leftover-process check did not run", stacklevel=1)
+        return
+    import sys
+
+    server_mod = sys.modules.get("prefect.server.api.server")
+    if server_mod is not None:  # Prefect's temporary servers stop at interpreter exit (atexit): stop them now
+        for server in list(getattr(server_mod.SubprocessASGIServer, "_instances", {}).values()):
+            server.stop()
+    left = _leftover_processes()
+    if not left:
+        return
+    described = []
+    for p in left:
+        try:
+            described.append(f"pid {p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:300]}")
+        except psutil.Error:
+            described.append(f"pid {p.pid}")
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    pytest.fail("processes started during the tests outlived them (now stopped):\n  " + "\n  ".join(described),
+                pytrace=False)

@@ -101,7 +101,7 @@ def test_same_deployments_on_a_process_work_pool_with_two_workers(tmp_path):
     from prefect.deployments import run_deployment
 
     from flows.deploy import deploy_to_work_pool
-    from flows.stack import Stack, stack_env
+    from flows.stack import Stack, stack_env, stop_process_groups
     from recloop.settings import load_settings
 
     ws = tmp_path / "ws"
@@ -121,11 +121,11 @@ def test_same_deployments_on_a_process_work_pool_with_two_workers(tmp_path):
             ids = deploy_to_work_pool(settings, "recloop-test")
             assert len(ids) == 3
             for i in range(2):
-                log = open(tmp_path / f"worker{i}.log", "wb")
-                workers.append(subprocess.Popen(
-                    [prefect, "worker", "start", "--pool", "recloop-test", "--type", "process", "--name", f"w{i}",
-                     "--limit", "1"], env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True))
+                with open(tmp_path / f"worker{i}.log", "wb") as log:
+                    workers.append(subprocess.Popen(
+                        [prefect, "worker", "start", "--pool", "recloop-test", "--type", "process", "--name",
+                         f"w{i}", "--limit", "1"], env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, stdout=log,
+                        stderr=subprocess.STDOUT, start_new_session=True))
             runs = [run_deployment("ingest/ingest", timeout=0) for _ in range(2)]
             deadline = time.monotonic() + 300
             from prefect.client.orchestration import get_client
@@ -139,10 +139,7 @@ def test_same_deployments_on_a_process_work_pool_with_two_workers(tmp_path):
                 assert all(s.is_completed() for s in states), [s.message for s in states]
                 workers_used = {client.read_flow_run(r.id).work_pool_name for r in runs}
             assert workers_used == {"recloop-test"}
-    finally:
-        for w in workers:
-            try:
-                os.killpg(w.pid, 15)
-            except ProcessLookupError:
-                pass
+    finally:  # workers first (while their server still answers), then the server; SIGKILL after 10 s
+        stop_process_groups(workers)
         stack.stop()
+        assert all(w.poll() is not None for w in workers), "a prefect worker outlived the test"

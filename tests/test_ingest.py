@@ -241,7 +241,7 @@ def test_cli_ingest_quarantine_list_and_release_with_data_docs(dc_settings):
     res = runner.invoke(app, ["quarantine", "release", entries[0]["id"], "-w", ws, "--json"])
     assert res.exit_code == 2 and json.loads(res.stdout)[0]["status"] == "quarantined"  # still 100 % likes
     res = runner.invoke(app, ["ingest", "-w", ws])
-    assert res.exit_code != 0 and "PATH or --all" in res.output
+    assert res.exit_code != 0 and "PATH, --all or --copy-from" in res.output
 
 
 @pytest.mark.slow
