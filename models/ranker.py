@@ -71,13 +71,20 @@ class Ranker:
         self.blend = None if blend is None else {k: (np.asarray(v, dtype=np.float64) if k != "intercept" else
                                                      float(v)) for k, v in blend.items()}
 
-    def fit_blend(self, fusion_x: np.ndarray, tower_logit, tower_cos, y) -> Ranker:
+    def _input_index(self) -> list[int]:
+        """Where this model's columns sit in a ``RANKER_COLUMNS`` row."""
+        return [RANKER_COLUMNS.index(c) for c in self.columns]
+
+    def fit_blend(self, fusion_x: np.ndarray, tower_logit, tower_cos, y, towers: bool = True) -> Ranker:
         """Blend this (fusion) model with the towers: a standardised logistic regression of ``y`` on
         [this model's logit of ``fusion_x``, tower logit, tower cosine], on rows out-of-sample for all three."""
         z = np.stack([self._base_logit(fusion_x), np.asarray(tower_logit, dtype=np.float64),
                       np.asarray(tower_cos, dtype=np.float64)], axis=1)
         lin = Ranker._fit_logistic(z.astype(np.float32), np.asarray(y, dtype=np.int64), BLEND_COLUMNS)
         self.blend = {"mean": lin.mean, "scale": lin.scale, "coef": lin.coef, "intercept": lin.intercept}
+        if not towers:  # the fusion model alone: its logit, unchanged
+            self.blend = {"mean": np.zeros(3), "scale": np.ones(3), "coef": np.array([1.0, 0.0, 0.0]),
+                          "intercept": 0.0}
         return self
 
     def refit(self, x: np.ndarray, y: np.ndarray, seed: int = 0) -> Ranker:
@@ -155,8 +162,8 @@ class Ranker:
             return np.empty(0, dtype=np.float64)
         if self.blend is None:
             return self._base_logit(x)
-        nt = len(TOWER_COLUMNS)
-        z = np.stack([self._base_logit(x[:, nt:]), x[:, 0].astype(np.float64), x[:, 1].astype(np.float64)], axis=1)
+        z = np.stack([self._base_logit(x[:, self._input_index()]), x[:, 0].astype(np.float64),
+                      x[:, 1].astype(np.float64)], axis=1)
         b = self.blend
         return (((z - b["mean"]) / b["scale"]) * b["coef"]).sum(axis=1) + b["intercept"]
 

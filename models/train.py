@@ -252,7 +252,7 @@ def fusion_rows(events: pd.DataFrame, tensors: dict, history: pd.DataFrame, cata
 
 
 def fit_ranker(module: RecommenderModule, dm: RecDataModule, catalog: pd.DataFrame, item_vecs: np.ndarray,
-               kind: str, seed: int, lag) -> tuple[Ranker | None, dict | None]:
+               kind: str, seed: int, lag, columns=None, towers: bool = True) -> tuple[Ranker | None, dict | None]:
     """Stacking in two steps (no row sees its own label, no model scores rows it was fitted on):
 
     1. the **fusion** model (``kind`` over ``FUSION_COLUMNS``: wide statistics + collaborative
@@ -261,7 +261,9 @@ def fit_ranker(module: RecommenderModule, dm: RecDataModule, catalog: pd.DataFra
        tower logit, tower cosine] - the towers of the selection run (trained on the train part) and
        collaborative counts fitted on the whole train part.
 
-    (None, None) when the train part or the validation part has too few rows or a single class."""
+    ``columns``: the fusion model's inputs (a subset of ``FUSION_COLUMNS``; None = all); ``towers=False``:
+    the blend is the fusion logit alone (ablations). (None, None) when the train part or the validation
+    part has too few rows or a single class."""
     from models.evaluate import auc
 
     x, y = fusion_rows(dm.train_events, dm.tensors["train"], dm.events, catalog, dm.items, item_vecs, dm.prior, lag)
@@ -269,15 +271,21 @@ def fit_ranker(module: RecommenderModule, dm: RecDataModule, catalog: pd.DataFra
     yv = val["label"].numpy().astype(np.int64)
     if len(y) < MIN_ROWS or len(np.unique(y)) < 2 or len(yv) < MIN_ROWS or len(np.unique(yv)) < 2:
         return None, None
-    fusion = Ranker.fit(x, y, kind, seed=seed, columns=FUSION_COLUMNS)
+    columns = tuple(columns or FUSION_COLUMNS)
+    unknown = set(columns) - set(FUSION_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown fusion columns {sorted(unknown)}; choose from {list(FUSION_COLUMNS)}")
+    pick = [FUSION_COLUMNS.index(c) for c in columns]
+    fusion = Ranker.fit(x[:, pick], y, kind, seed=seed, columns=columns)
     collab = CollabModel.fit(dm.train_events, _text_lookup(dm.items, item_vecs), dm.prior, dm.train_wide)
     logit, cos = tower_scores(module, val)
     cf = collab_features(collab, dm.val_events, dm.events, catalog, dm.items, val, item_vecs, dm.prior, lag)
     xv = np.concatenate([val["wide"].numpy(), cf], axis=1)
-    fusion.fit_blend(xv, logit, cos, yv)
+    fusion.fit_blend(xv[:, pick], logit, cos, yv, towers=towers)
     full = ranker_matrix(logit, cos, val["wide"].numpy(), cf)
     info = {"kind": kind, "n_rows": len(y), "rows": f"train part, {FUSION_CHUNKS} time chunks (expanding window)",
-            "blend_rows": len(yv), "val_auc_towers": auc(yv, logit), "val_auc_fusion": auc(yv, fusion._base_logit(xv)),
+            "blend_rows": len(yv), "val_auc_towers": auc(yv, logit),
+            "val_auc_fusion": auc(yv, fusion._base_logit(xv[:, pick])),
             "val_auc_blend": auc(yv, fusion.logit(full)),  # blend weights fitted on these rows (3 coefficients)
             "blend": dict(zip(BLEND_COLUMNS, map(float, fusion.blend["coef"]))),
             **{k: v for k, v in fusion.info.items() if k != "n_rows"},
@@ -374,7 +382,8 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
             if best.weights_path.is_file():  # the selection towers at their best epoch
                 load_trainable_state(module, best.weights_path)
             vecs = texts.item_vecs.cpu().numpy() if kind == "frozen" else encoder.encode(dm.items.texts).numpy()
-            fitted_ranker, ranker_info = fit_ranker(module, dm, catalog, vecs, ranker, cfg.seed, lag)
+            fitted_ranker, ranker_info = fit_ranker(module, dm, catalog, vecs, ranker, cfg.seed, lag,
+                                                    cfg.fusion_columns, cfg.blend_towers)
             t_rank = time.perf_counter()
             timings["ranker"] = t_rank - t_fit
             t_fit = t_rank
@@ -436,7 +445,8 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
             x, y = fusion_rows(final_dm.train_events, final_dm.tensors["train"], final_dm.events, catalog,
                                final_dm.items, vecs, final_dm.prior, lag)
             if len(y) >= MIN_ROWS and len(np.unique(y)) == 2:
-                fitted_ranker = fitted_ranker.refit(x, y, seed=cfg.seed)
+                pick = [FUSION_COLUMNS.index(c) for c in fitted_ranker.columns]
+                fitted_ranker = fitted_ranker.refit(x[:, pick], y, seed=cfg.seed)
                 ranker_info["refit_rows"] = len(y)
         model.ranker = fitted_ranker
         timings["collab_refit"] = time.perf_counter() - t_c

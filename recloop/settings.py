@@ -65,6 +65,10 @@ class TrainingSettings(BaseModel):
     strategy: str = "auto"  # "ddp" for several GPUs or nodes
     seed: int = 42
     ranker: Literal["lightgbm", "logistic", "none"] = "lightgbm"  # second stage over towers + statistics + CF
+    # the fusion model's inputs (a subset of models.ranker.FUSION_COLUMNS; None = all) and whether the
+    # blend adds the towers' logit and cosine (False: the fusion model alone ranks) - for ablations
+    fusion_columns: list[str] | None = None
+    blend_towers: bool = True
     fit_threads: int = 0  # torch CPU threads while fitting the heads; 0 = auto (1 in frozen mode: small ops, shared cores)
 
 
