@@ -200,6 +200,11 @@ def train(cache: Path = DEFAULT_CACHE, lags=(0.0, 600.0), test_events: int = 20_
                "model_train_history": _auc_table(y, past, te, users),
                "statistics_lr_fresh": _auc_table(y, base.score(rows, ev, data.catalog), te, users),
                "statistics_lr_train_history": _auc_table(y, base.score(rows, tr, data.catalog), te, users)}
+        from models.bootstrap import paired_bootstrap_auc
+
+        ci = paired_bootstrap_auc(y, fresh, base.score(rows, ev, data.catalog), samples=500, seed=0,
+                                  groups=te["user_id"].astype(str).to_numpy())  # users resampled, as the gate does
+        res["delta_vs_statistics_lr_fresh"] = {"delta": ci.estimate, "ci95": [ci.low, ci.high]}
         results["lags"][float(lag)] = res
     return results
 
@@ -262,6 +267,10 @@ def _print_holdout(res: dict) -> None:
                   f"[{ci[0]:.3f}, {ci[1]:.3f}] (n={t['n_cold']})  gender gap {t['gender_gap']:.4f} "
                   f"{ {k: round(v, 3) for k, v in t['gender_auc'].items()} }  age gap {t['age_group_gap']:.4f} "
                   f"{ {k: round(v, 3) for k, v in t['age_group_auc'].items()} }")
+        d = r.get("delta_vs_statistics_lr_fresh")
+        if d:
+            print(f"    model - statistics-lr (fresh): {d['delta']:+.4f}, 95 % user-bootstrap CI "
+                  f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
         rk = r.get("ranker") or {}
         if rk:
             print(f"    ranker: {rk.get('kind')} fusion on {rk.get('n_rows')} out-of-sample rows ({rk.get('rows')}), "
