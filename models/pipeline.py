@@ -86,6 +86,21 @@ def champion_train_end(model) -> pd.Timestamp | None:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts
 
 
+def _evidence_cut(events: pd.DataFrame, settings):
+    """The latest cut time whose eval window (events at or after it) holds ``retrain.min_eval_users``
+    distinct users and ``gates.min_eval_events`` events (None when the whole window holds fewer)."""
+    ts = events["timestamp"].to_numpy()
+    order = np.argsort(ts, kind="stable")[::-1]  # newest first
+    users = events["user_id"].astype(str).to_numpy()[order]
+    first_seen = ~pd.Series(users).duplicated().to_numpy()
+    n_users = np.cumsum(first_seen)
+    n_events = np.arange(1, len(users) + 1)
+    ok = np.flatnonzero((n_users >= settings.retrain.min_eval_users) & (n_events >= settings.gates.min_eval_events))
+    if not len(ok):
+        return None
+    return pd.Timestamp(ts[order[ok[0]]])
+
+
 def prepare_retrain_data(settings, now=None, champion_trained_until=None) -> RetrainData:
     """Read the store, cut a time-ordered train / eval split (eval = the newest days).
 
@@ -109,6 +124,11 @@ def prepare_retrain_data(settings, now=None, champion_trained_until=None) -> Ret
     eval_len = min(max(eval_len, span * cfg.min_eval_fraction), span * cfg.max_eval_fraction)
     cut = (last - eval_len).ceil("h") if span > pd.Timedelta(days=1) else last - eval_len
     why = f"newest {eval_len} of the window"
+    need = _evidence_cut(events, settings)
+    if need is not None and need < cut:  # too little evidence in the newest days: reach further back
+        cut = max(need, last - span * cfg.max_eval_fraction)
+        why = (f"newest {last - cut} of the window (grown from {eval_len} to hold {cfg.min_eval_users} users / "
+               f"{settings.gates.min_eval_events} events, at most {cfg.max_eval_fraction:.0%} of the span)")
     if champion_trained_until is not None and champion_trained_until >= cut:
         cut = champion_trained_until + pd.Timedelta(microseconds=1)
         why = f"after the champion's training data (it was trained on events up to {champion_trained_until})"

@@ -78,6 +78,9 @@ class RetrainSettings(BaseModel):
     eval_days: float = 3.0  # the newest days of the window are held out: candidate and champion are judged there
     min_eval_fraction: float = 0.1  # if the window is short, at least this share (by time) is held out
     max_eval_fraction: float = 0.3
+    # the eval window also grows (up to max_eval_fraction of the span) until it holds this many distinct
+    # users: the gates resample users, and a few days of a sparse log can hold only a few dozen of them
+    min_eval_users: int = Field(100, ge=0)
     window_days: float | None = None  # train on the newest N days only (None: everything stored)
     min_train_events: int = 500
     refit_full: bool = True  # after choosing the epoch count on validation, refit on train + validation

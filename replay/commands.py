@@ -26,7 +26,7 @@ def replay(
                                          "(u.data, u.item, u.user) or RecBole atomic files (ml-100k.inter, ...)"),
     period: str = typer.Option(None, help="Batch period, e.g. 1d or 7d (default: 1d synthetic, 7d movielens)"),
     policies: str = typer.Option("never,periodic,drift", help="Comma-separated: never, periodic, drift"),
-    initial: int = typer.Option(None, help="Periods before the first training (default: 8 synthetic, 4 movielens)"),
+    initial: int = typer.Option(None, help="Periods before the first training (default: 8 synthetic, 8 movielens)"),
     every: int = typer.Option(1, help="The periodic policy retrains every N periods"),
     max_batches: int = typer.Option(None, help="Stop after N batches (for a quick look)"),
     workspace: Path = WorkspaceOpt,
@@ -51,7 +51,7 @@ def replay(
             src = movielens_source(path, _days(period or "7d"))
         except FileNotFoundError as exc:
             fail(str(exc))
-        initial = 4 if initial is None else initial
+        initial = 8 if initial is None else initial
     else:
         fail(f"unknown source {source!r}: synthetic or movielens")
     s = settings_for(workspace)
