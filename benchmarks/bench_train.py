@@ -179,8 +179,10 @@ def main(argv=None) -> int:
         print(f"    AUC(model) - AUC({name}) = {ci['estimate']:+.4f}  95% CI [{ci['low']:+.4f}, {ci['high']:+.4f}]")
     if r.get("ranker"):
         rk = r["ranker"]
-        print(f"  ranker: {rk['kind']} fitted on {rk['n_rows']} out-of-sample validation rows (towers AUC there "
-              f"{rk['towers_auc_on_rows']:.4f}, {rk.get('rounds')} rounds)")
+        print(f"  ranker: {rk['kind']} fusion on {rk['n_rows']} out-of-sample rows ({rk.get('rounds')} rounds), "
+              f"blended with the towers on {rk.get('blend_rows')} validation rows; validation AUC towers "
+              f"{rk.get('val_auc_towers', float('nan')):.4f}, fusion {rk.get('val_auc_fusion', float('nan')):.4f}, "
+              f"blend {rk.get('val_auc_blend', float('nan')):.4f}")
     md = summary["median"]
     print("  per run: wall " + ", ".join(f"{x['wall_train_eval_s']:.1f}s" for x in runs)
           + "; examples/s " + ", ".join(f"{x['examples_per_s']:.0f}" for x in runs))
