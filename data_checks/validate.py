@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from data_checks.suites import BATCH, CATALOG_SUITE, CRITICAL, FEEDBACK_SUITE, ROW, SPLIT_ONLY_RULES, rule_of
+from recloop.jsonutil import jsonable
 from recloop.schema import FEEDBACK_COLUMNS, FEEDBACK_OPTIONAL, LABEL_BY_EVENT
 
 ZONE_PATTERN = r"(?:Z|[+-]\d{2}:?\d{2})\s*$"
@@ -86,33 +87,13 @@ class ValidationOutcome:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("row_reasons")
-        return _jsonable(d)
+        return jsonable(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> ValidationOutcome:
         d = dict(d)
         d["expectations"] = [ExpectationOutcome(**e) for e in d.get("expectations", [])]
         return cls(**d)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return None if np.isnan(obj) else float(obj)
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, (pd.Timestamp,)):
-        return obj.isoformat()
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
 
 
 # ---- the validation frame --------------------------------------------------------------------------
@@ -263,7 +244,7 @@ def _summarise(results) -> tuple[list[ExpectationOutcome], dict[str, np.ndarray]
         outs.append(ExpectationOutcome(
             rule=rule, expectation=cfg.type, column=cfg.kwargs.get("column") or cfg.kwargs.get("column_A"),
             severity=severity, success=bool(r.success), unexpected_count=res.get("unexpected_count"),
-            observed=_jsonable(res.get("observed_value", res.get("details"))), error=err, guards=guards))
+            observed=jsonable(res.get("observed_value", res.get("details"))), error=err, guards=guards))
         if severity == ROW and not r.success and err is None:
             row_hits[rule] = np.asarray(res.get("unexpected_index_list") or [], dtype=np.int64)
     return outs, row_hits
@@ -397,7 +378,7 @@ def validate_frame(v: pd.DataFrame, settings, *, now=None, run_name: str | None 
     return ValidationOutcome(
         success=decision != "quarantine", decision=decision, n_rows=n, n_good=n_good, n_bad=n - n_good,
         bad_share=round(share, 6), reasons=reasons, reason_counts=counts, expectations=outs,
-        parameters=_jsonable({**params, "retention_from": retention_from, "retention_clock": c.retention_clock}),
+        parameters=jsonable({**params, "retention_from": retention_from, "retention_clock": c.retention_clock}),
         data_docs=page, seconds=round(time.perf_counter() - t0, 3),
         row_reasons=row_reasons)
 
@@ -449,7 +430,7 @@ def validate_catalog(catalog: pd.DataFrame, settings, known_categories=None, sto
     return ValidationOutcome(success=ok, decision="pass" if ok else "quarantine", n_rows=len(v),
                              n_good=len(v) if ok else 0, n_bad=0 if ok else len(v), bad_share=0.0 if ok else 1.0,
                              reasons=reasons, reason_counts={o.rule: int(o.unexpected_count or 1) for o in failed},
-                             expectations=outs, parameters=_jsonable({**params, "known_categories": len(known_categories)}),
+                             expectations=outs, parameters=jsonable({**params, "known_categories": len(known_categories)}),
                              data_docs=page, seconds=round(time.perf_counter() - t0, 3))
 
 

@@ -1,4 +1,4 @@
-"""CLI commands of the flows room: up, down, retrain, loop."""
+"""CLI commands of the flows room: demo, up, down, retrain, loop."""
 
 from __future__ import annotations
 
@@ -10,10 +10,20 @@ from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, settings_for, table,
 
 
 def register(app: typer.Typer) -> None:
+    app.command()(demo)
     app.command()(up)
     app.command()(down)
     app.command()(retrain)
     app.command()(loop)
+
+
+def demo(workspace: Path = WorkspaceOpt,
+         fresh: bool = typer.Option(True, help="Start from an empty workspace")):
+    """Run the whole loop on the embedded default (synthetic data, SQLite MLflow, ephemeral Prefect)."""
+    from flows.demo import run_loop_demo  # the full loop, driven through the Prefect deployments
+
+    with terminate_like_ctrl_c():  # SIGTERM stops the demo's stack like Ctrl-C
+        run_loop_demo(settings_for(workspace), fresh=fresh)
 
 
 def up(workspace: Path = WorkspaceOpt,

@@ -29,10 +29,8 @@ def load_champion_for_monitoring(settings, store: FeedbackStore):
     The window and offline AUC come from the champion version's lineage tags and its run's
     metrics; the scorer is the model's point-in-time ``score`` with the store as history.
     """
-    try:
-        from models.registry import load_champion
-    except ImportError:  # the registry room is not installed: treat as "no champion"
-        return None, None
+    from models.registry import load_champion  # MLflow: imported when a check runs, not with the flow
+
     loaded = load_champion(settings)
     if loaded is None:
         return None, None

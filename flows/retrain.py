@@ -21,8 +21,9 @@ from prefect.concurrency.sync import concurrency
 
 from flows.events import MODEL_PROMOTED, MODEL_REJECTED, emit
 from models import pipeline
-from recloop.settings import load_settings
+from monitoring import storm
 from recloop.paths import confine
+from recloop.settings import load_settings
 from recloop.store import atomic_write_json
 
 RETRAIN_LIMIT = "recloop-retrain"
@@ -106,17 +107,6 @@ def ensure_retrain_limit() -> None:
             pass
 
 
-def _storm(settings, what: str, **kw) -> None:
-    """Tell monitoring's storm control that a retrain started / finished (if that room offers it)."""
-    try:
-        from monitoring import storm
-    except ImportError:  # pragma: no cover - monitoring not installed
-        return
-    fn = getattr(storm, f"mark_retrain_{what}", None)
-    if fn is not None:
-        fn(settings, **kw)
-
-
 @flow(name="retrain", log_prints=True,
       description="Snapshot the store, train a candidate, judge it against the champion on the same events, "
                   "register it in MLflow and promote it only if every gate passes.")
@@ -128,7 +118,7 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
     ensure_retrain_limit()
     with concurrency(RETRAIN_LIMIT, occupy=1, strict=True):
         held_from = datetime.now(timezone.utc).isoformat()
-        _storm(settings, "started", reason=reason)
+        storm.mark_retrain_started(settings, reason=reason)  # storm control: now running
         ok, error, signame = False, None, None
         try:
             with _sigterm_raises():
@@ -145,7 +135,7 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
         finally:
             if signame is None:
                 _housekeeping(settings, logger)
-            _storm(settings, "finished", succeeded=ok)
+            storm.mark_retrain_finished(settings, succeeded=ok)
             _audit(settings, {"flow_run_id": str(runtime.flow_run.id or ""), "reason": reason, "held_from": held_from,
                               "held_to": datetime.now(timezone.utc).isoformat(), "succeeded": ok, "error": error,
                               "signal": signame})

@@ -71,20 +71,11 @@ def services(settings, with_mlflow: bool = True, with_serving: bool = True) -> l
                             "--default-artifact-root", settings.artifact_root, "--host", "127.0.0.1",
                             "--port", str(settings.mlflow_port), "--workers", "1"],
                            f"http://127.0.0.1:{settings.mlflow_port}", f"http://127.0.0.1:{settings.mlflow_port}/health"))
-    if with_serving and _have("serving.app"):
+    if with_serving:
         out.append(Service("serving", [str(BIN / "recloop"), "serve", "--workspace", ws, "--host",
                                        settings.serving.host, "--port", str(settings.serving.port)],
                            f"http://{settings.serving.host}:{settings.serving.port}/docs", None))
     return out
-
-
-def _have(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:

@@ -17,18 +17,9 @@ import numpy as np
 import pandas as pd
 
 from models.evaluate import auc
+from recloop.jsonutil import jsonable
 
 CANDIDATE, CHAMPION = "candidate", "champion"
-
-
-def _json_num(v: Any) -> Any:
-    if isinstance(v, (float, np.floating)):
-        return None if not math.isfinite(v) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
 
 
 def _fmt(v: Any, signed: bool = False) -> str:
@@ -73,7 +64,7 @@ class BootstrapCI:
         return self.reference_auc
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_num(v) for k, v in asdict(self).items()}
+        return jsonable(asdict(self))
 
     def describe(self, signed: bool = True) -> str:
         return (f"{_fmt(self.estimate, signed)}, {self.confidence:.0%} CI [{_fmt(self.low, signed)}, "

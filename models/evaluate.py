@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recloop.jsonutil import jsonable
+
 REQUIRED = ("user_id", "item_id", "label", "score")
 MISSING_GROUP = "<missing>"
 GROUP_PREFIX = "group:"  # Evaluation.scored keeps the group value of each event in column "group:<col>"
@@ -285,18 +287,6 @@ def tail_exposure(df: pd.DataFrame, popularity, k: int = 10) -> float:
 
 
 # --------------------------------------------------------------------------- the report
-def _clean(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not np.isfinite(x) else float(x)
-    return x
-
-
 @dataclass
 class Evaluation:
     """Everything the gates and the registry need about one model on one evaluation set."""
@@ -338,7 +328,7 @@ class Evaluation:
         """JSON-safe (NaN → None); the scored frame is left out."""
         d = asdict(self) if self.scored is None else asdict(Evaluation(**{**self.__dict__, "scored": None}))
         d.pop("scored", None)
-        return _clean(d)
+        return jsonable(d)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:

@@ -71,8 +71,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.bootstrap import CANDIDATE, CHAMPION, BootstrapCI, BootstrapDraws, _fmt, _json_num, bootstrap_aucs
+from models.bootstrap import CANDIDATE, CHAMPION, BootstrapCI, BootstrapDraws, _fmt, bootstrap_aucs
 from models.evaluate import MISSING_GROUP, Evaluation, group_column
+from recloop.jsonutil import jsonable
 
 BASELINE = "baseline:"
 EPS = 1e-9  # inclusive thresholds are compared with this tolerance (0.79 - 0.80 is not < -0.01)
@@ -98,7 +99,7 @@ class GateRule:
         return f"{self.label or self.name}: {self.detail}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_num(v) for k, v in asdict(self).items()}
+        return jsonable(asdict(self))
 
 
 @dataclass
@@ -116,7 +117,7 @@ class GroupStat:
     champion_auc: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_num(v) for k, v in asdict(self).items()}
+        return jsonable(asdict(self))
 
 
 @dataclass
@@ -182,7 +183,7 @@ class GateDecision:
             "group_stats": {c: [s.to_dict() for s in v] for c, v in self.group_stats.items()},
             "group_gap_cis": {k: v.to_dict() for k, v in self.group_gap_cis.items()},
             "gap_vs_champion_cis": {k: v.to_dict() for k, v in self.gap_vs_champion_cis.items()},
-            "thresholds": _json_tree(self.thresholds),
+            "thresholds": jsonable(self.thresholds),
             "candidate": self.candidate,
             "champion": self.champion,
             "decided_at": self.decided_at,
@@ -235,14 +236,6 @@ class GateDecision:
                 lines.append(f"| {s.group} | {s.n:,} | {s.n_pos:,} | {_fmt(s.auc)} | [{_fmt(s.low)}, {_fmt(s.high)}] | "
                              f"{_fmt(s.champion_auc)} | {gated} |")
         return "\n".join(lines) + "\n"
-
-
-def _json_tree(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _json_tree(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_tree(v) for v in x]
-    return _json_num(x)
 
 
 def _cell(text: str) -> str:
@@ -336,9 +329,9 @@ def _gate_settings(settings):
 def _rule(name: str, value, threshold, op: str, note: str, champion=None, why_nan: str | None = None,
           ci: BootstrapCI | None = None) -> GateRule:
     """A point-estimate rule line; NaN/None on either side fails closed."""
-    low, high = (None, None) if ci is None else (_json_num(ci.low), _json_num(ci.high))
+    low, high = (None, None) if ci is None else (jsonable(ci.low), jsonable(ci.high))
     if not _finite(value):
-        return GateRule(name, _json_num(value), threshold, False,
+        return GateRule(name, jsonable(value), threshold, False,
                         f"fails closed: the candidate's value is undefined ({why_nan or 'NaN'})", champion, op, low, high)
     passed = _compare(float(value), op, float(threshold))
     verb = "meets" if passed else "misses"
@@ -363,13 +356,13 @@ def _ci_rule(name: str, ci: BootstrapCI, threshold: float, op: str, decide_on: s
         detail = f"{verdict}; {interval}"
     if note:
         detail += f"; {note}"
-    return GateRule(name, _json_num(ci.estimate), float(threshold), passed, detail, champion, op,
-                    _json_num(ci.low), _json_num(ci.high), decide_on)
+    return GateRule(name, jsonable(ci.estimate), float(threshold), passed, detail, champion, op,
+                    jsonable(ci.low), jsonable(ci.high), decide_on)
 
 
 def _failed(name: str, detail: str, value=None, threshold=None, op=">=", champion=None, label=None) -> GateRule:
-    return GateRule(name, _json_num(value), _json_num(threshold), False, f"fails closed: {detail}",
-                    _json_num(champion), op, label=label)
+    return GateRule(name, jsonable(value), jsonable(threshold), False, f"fails closed: {detail}",
+                    jsonable(champion), op, label=label)
 
 
 def _evidence_rule(n: int, n_pos: int, n_users: int, g) -> GateRule:
@@ -395,7 +388,7 @@ def _ranking_rule(name: str, value, threshold: float, ev: Evaluation, champion_v
                        value, threshold, champion=champion_value)
     key = "ndcg_at_k" if name.startswith("min_ndcg") else "tail_exposure"
     return _rule(name, value, threshold, ">=", f"{what} of a top-{ev.k} over the whole catalog (absolute floor)",
-                 champion=_json_num(champion_value), why_nan=ev.reasons.get(key))
+                 champion=jsonable(champion_value), why_nan=ev.reasons.get(key))
 
 
 def _baselines_rule(paired: PairedEvents | None, draws: BootstrapDraws | None, names: list[str], g,
@@ -440,7 +433,7 @@ def champion_rule(draws: BootstrapDraws, settings, candidate_key: Hashable = CAN
     else:
         thr, how = g.min_improvement, f"superior by min_improvement {g.min_improvement:g}"
     rule = _ci_rule("vs_champion_auc", ci, thr, ">=", g.decide_on, "AUC(candidate) − AUC(champion)", how,
-                    champion=_json_num(ci.reference_auc))
+                    champion=jsonable(ci.reference_auc))
     return rule, ci
 
 
@@ -519,7 +512,7 @@ def _group_rules(col: str, candidate: Evaluation, champion: Evaluation | None, p
                                     f"gap by {col}: candidate − champion", candidate_auc=None, reference_auc=None)
             rules.append(_ci_rule(names[1], inc_ci, g.max_gap_increase, "<=", "ci_lower",
                                   f"(candidate gap − champion gap) by {col}",
-                                  f"champion gap {_fmt(cgap)}", champion=_json_num(cgap)))
+                                  f"champion gap {_fmt(cgap)}", champion=jsonable(cgap)))
     return rules, stats, gap_ci, inc_ci
 
 
@@ -572,7 +565,7 @@ def decide_promotion(
     rules = [_evidence_rule(n, n_pos, n_users, g)]
     auc_ci = None if draws is None else draws.auc_ci(CANDIDATE, g.confidence, "AUC(candidate)")
     rules.append(_rule("min_auc", candidate.auc, g.min_auc, ">=", f"global AUC on {candidate.n_events:,} events "
-                       "(point estimate; interval shown)", champion=None if champion is None else _json_num(champion.auc),
+                       "(point estimate; interval shown)", champion=None if champion is None else jsonable(champion.auc),
                        why_nan=candidate.reasons.get("auc"), ci=auc_ci))
     rules.append(_ranking_rule(f"min_ndcg_at_{candidate.k}", candidate.ndcg_at_k, g.min_ndcg, candidate,
                                None if champion is None else champion.ndcg_at_k, f"NDCG@{candidate.k}"))

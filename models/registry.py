@@ -263,6 +263,11 @@ def log_and_register(
     defined by code whose artifacts are the saved model folder. The new version gets the
     ``challenger`` alias and ``gate_decision = pending`` until :func:`promote` / :func:`reject`.
 
+    What a person reads in the MLflow UI: the version's description is the trigger and the gate
+    table (:func:`version_description`); tags stay short: a list in the lineage (``batch_ids``,
+    ``gx_validation_results``) is tagged as its count and first / last entry, and written whole to
+    the run's artifact ``lineage/<key>.txt`` (``lineage.json`` keeps every value too).
+
     Idempotent across task retries: with ``lineage["prefect_flow_run_id"]`` set, the call is
     keyed by :func:`registration_key` (flow run, config fingerprint, snapshot hash, weights
     sha256), stored as tag ``registration_key`` on the run and the version. A version with the
@@ -280,34 +285,21 @@ def log_and_register(
             raise RegistryError(f"{model_dir} is not a saved Recommender ({name} missing); nothing was logged")
     exp_id = _activate(settings)
     lineage = {k: v for k, v in (lineage or {}).items()}
-    batch_ids = [b for b in str(lineage.get("batch_ids", "")).split(",") if b]
-    lineage.setdefault("gx_validation_results", ",".join(_validation_results(settings, batch_ids)))
+    lineage.setdefault("gx_validation_results",
+                       ",".join(_validation_results(settings, _lineage_list(lineage.get("batch_ids")))))
     model_cfg = json.loads((model_dir / "config.json").read_text())
     for key in ("train_start", "train_end", "fingerprint", "encoder", "mode"):
         if model_cfg.get(key) is not None:
             lineage.setdefault(key if key not in ("encoder", "mode") else f"model_{key}", str(model_cfg[key]))
     manifest = file_manifest(model_dir)
     weights_sha = manifest["weights.safetensors"]["sha256"]
+    description = version_description(decision, lineage)
     reg_key = registration_key(lineage.get("prefect_flow_run_id"), model_cfg.get("fingerprint"),
                                lineage.get("snapshot_hash"), weights_sha)
     if reg_key is not None:
-        c = client(settings)
-        done = _registered_with_key(c, settings.model_name, reg_key)
-        if done is not None:  # a retry after the version was created: finish it, log nothing new
-            log.info("registration %s already done as version %s (run %s); not logging again",
-                     reg_key, done[1], done[0])
-            _finish_registration(c, settings.model_name, *done)
-            return done
-        logged = _logged_run_with_key(c, exp_id, reg_key)
-        if logged is not None:  # a retry after the model was logged but not registered: register that run's model
-            run_id, model_uri, run_tags = logged
-            log.info("registration %s: run %s has the model logged; registering it", reg_key, run_id)
-            mv = _register(settings.model_name, model_uri,
-                           {**run_tags, "gate_decision": "pending", "run_id": run_id, "weights_sha256": weights_sha,
-                            REGISTRATION_KEY: reg_key})
-            version = str(mv.version)
-            _finish_registration(c, settings.model_name, run_id, version)
-            return run_id, version
+        resumed = _resume_registration(settings, exp_id, reg_key, weights_sha, description)
+        if resumed is not None:
+            return resumed
 
     if catalog is None:
         from recloop.store import FeedbackStore
@@ -327,55 +319,13 @@ def log_and_register(
             all_params = {f"training.{k}": v for k, v in settings.training.model_dump().items()}
             all_params.update(params or {})
             mlflow.log_params({_tag_safe(k)[:250]: _short(v)[:6000] for k, v in all_params.items()})
-            c = client(settings)
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            epoch_metrics = [Metric(k, v, ts, step) for k, v, step in _history_metrics(history)]
-            for i in range(0, len(epoch_metrics), 900):
-                c.log_batch(run_id, metrics=epoch_metrics[i:i + 900])
-            metrics = evaluation_metrics(evaluation)
-            if champion_evaluation is not None:
-                metrics.update(evaluation_metrics(champion_evaluation, prefix="champion_"))
-            if decision is not None and decision.bootstrap_ci is not None:
-                ci = decision.bootstrap_ci
-                metrics.update({k: float(v) for k, v in (("auc_delta_vs_champion", ci.delta),
-                                ("auc_delta_ci_low", ci.low), ("auc_delta_ci_high", ci.high)) if _finite(v)})
-            for name, ev in (baseline_evaluations or {}).items():  # every baseline, on the same events
-                metrics.update(evaluation_metrics(ev, prefix=f"baseline_{name}_"))
-            mlflow.log_metrics(metrics)
-            for name, ev in (baseline_evaluations or {}).items():
-                mlflow.log_dict(ev.to_dict(), f"evaluation/baseline-{_tag_safe(name)}.json")
-            mlflow.log_dict(evaluation.to_dict(), "evaluation/candidate.json")
-            if champion_evaluation is not None:
-                mlflow.log_dict(champion_evaluation.to_dict(), "evaluation/champion.json")
-            if decision is not None:
-                mlflow.log_dict(decision.to_dict(), "gate_decision.json")
-                mlflow.log_text(decision.to_markdown(), "gate_report.md")
-            mlflow.log_dict(lineage, "lineage.json")
+            _log_results(client(settings), run_id, evaluation, champion_evaluation, decision,
+                         baseline_evaluations, history)
             mlflow.log_dict(manifest, MANIFEST)
-            if drift_report_path:
-                p = Path(drift_report_path)
-                if p.is_file():
-                    mlflow.log_artifact(str(p), "drift")
-                    lineage.setdefault("drift_report", p.name)
-                else:
-                    log.warning("drift report %s does not exist; not logged", p)
-                    lineage.setdefault("drift_report", f"missing: {p}")
-            tags = {_tag_safe(k): _short(v) for k, v in lineage.items() if v is not None}
+            tags = _log_lineage(lineage, drift_report_path)
             mlflow.set_tags({**tags, "recloop.role": "candidate"})
             if train_data is not None and len(train_data):
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)  # MLflow's hint on int columns in the sample
-                        mlflow.log_input(_dataset_input(train_data, settings, str(lineage.get("snapshot_hash") or "")),
-                                         context="training",
-                                         tags={"snapshot_hash": str(lineage.get("snapshot_hash", "")),
-                                               "n_rows": str(len(train_data)),
-                                               "sampled_rows": str(min(len(train_data), 2000))})
-                except Exception as exc:  # lineage of the data is best effort, the model is not
-                    log.warning("mlflow.log_input failed: %s", exc)
-                    mlflow.set_tag("log_input_error", _short(str(exc)))
+                _log_training_input(settings, train_data, lineage)
             with warnings.catch_warnings():
                 # the model's predict takes a DataFrame checked against the explicit signature below
                 warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
@@ -391,8 +341,149 @@ def log_and_register(
             version_tags[REGISTRATION_KEY] = reg_key
         mv = _register(settings.model_name, info.model_uri, version_tags)
     version = str(mv.version)
-    _finish_registration(client(settings), settings.model_name, run_id, version)
+    _finish_registration(client(settings), settings.model_name, run_id, version, description)
     return run_id, version
+
+
+def _resume_registration(settings, exp_id: str, reg_key: str, weights_sha: str,
+                         description: str) -> tuple[str, str] | None:
+    """A retry of a registration that got part-way: the version with ``reg_key`` is finished, or the
+    run with ``reg_key`` whose model was logged is registered; ``None`` when nothing was logged yet."""
+    c = client(settings)
+    done = _registered_with_key(c, settings.model_name, reg_key)
+    if done is not None:  # a retry after the version was created: finish it, log nothing new
+        log.info("registration %s already done as version %s (run %s); not logging again",
+                 reg_key, done[1], done[0])
+        _finish_registration(c, settings.model_name, *done, description)
+        return done
+    logged = _logged_run_with_key(c, exp_id, reg_key)
+    if logged is None:
+        return None
+    run_id, model_uri, run_tags = logged  # the model was logged but not registered: register that run's model
+    log.info("registration %s: run %s has the model logged; registering it", reg_key, run_id)
+    mv = _register(settings.model_name, model_uri,
+                   {**run_tags, "gate_decision": "pending", "run_id": run_id, "weights_sha256": weights_sha,
+                    REGISTRATION_KEY: reg_key})
+    _finish_registration(c, settings.model_name, run_id, str(mv.version), description)
+    return run_id, str(mv.version)
+
+
+def _log_results(c, run_id: str, evaluation, champion_evaluation, decision, baseline_evaluations,
+                 history) -> None:
+    """Per-epoch metrics; the candidate's, champion's and baselines' metrics on the same events; their
+    evaluation JSON; the gate decision (JSON) and report (markdown)."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    epoch_metrics = [Metric(k, v, ts, step) for k, v, step in _history_metrics(history)]
+    for i in range(0, len(epoch_metrics), 900):
+        c.log_batch(run_id, metrics=epoch_metrics[i:i + 900])
+    metrics = evaluation_metrics(evaluation)
+    if champion_evaluation is not None:
+        metrics.update(evaluation_metrics(champion_evaluation, prefix="champion_"))
+    if decision is not None and decision.bootstrap_ci is not None:
+        ci = decision.bootstrap_ci
+        metrics.update({k: float(v) for k, v in (("auc_delta_vs_champion", ci.delta),
+                        ("auc_delta_ci_low", ci.low), ("auc_delta_ci_high", ci.high)) if _finite(v)})
+    for name, ev in (baseline_evaluations or {}).items():  # every baseline, on the same events
+        metrics.update(evaluation_metrics(ev, prefix=f"baseline_{name}_"))
+    mlflow.log_metrics(metrics)
+    for name, ev in (baseline_evaluations or {}).items():
+        mlflow.log_dict(ev.to_dict(), f"evaluation/baseline-{_tag_safe(name)}.json")
+    mlflow.log_dict(evaluation.to_dict(), "evaluation/candidate.json")
+    if champion_evaluation is not None:
+        mlflow.log_dict(champion_evaluation.to_dict(), "evaluation/champion.json")
+    if decision is not None:
+        mlflow.log_dict(decision.to_dict(), "gate_decision.json")
+        mlflow.log_text(decision.to_markdown(), "gate_report.md")
+
+
+LIST_LINEAGE = ("batch_ids", "gx_validation_results")  # comma-joined lists: artifacts, not tags
+
+
+def _lineage_list(value) -> list[str]:
+    return [x for x in str(value or "").split(",") if x]
+
+
+def list_tag(key: str, items: list[str]) -> str:
+    """A list's tag: its count and first / last entry (file names for paths), pointing at the artifact."""
+    if not items:
+        return "0"
+    ends = [Path(x).name or x for x in (items[0], items[-1])]
+    shown = ends[0] if len(items) == 1 else f"{ends[0]} .. {ends[1]}"
+    return f"{len(items)}: {shown} (lineage/{key}.txt)"
+
+
+def _log_lineage(lineage: dict, drift_report_path: str | None) -> dict[str, str]:
+    """``lineage.json``, each list in the lineage as ``lineage/<key>.txt`` (one entry a line) and the drift
+    report; returns the run's (and version's) lineage tags, every value short."""
+    import mlflow
+
+    if drift_report_path:
+        p = Path(drift_report_path)
+        if p.is_file():
+            mlflow.log_artifact(str(p), "drift")
+            lineage.setdefault("drift_report", p.name)
+        else:
+            log.warning("drift report %s does not exist; not logged", p)
+            lineage.setdefault("drift_report", f"missing: {p}")
+    mlflow.log_dict(lineage, "lineage.json")
+    tags = {}
+    for key, value in lineage.items():
+        if value is None:
+            continue
+        if key in LIST_LINEAGE:
+            items = _lineage_list(value)
+            mlflow.log_text("".join(f"{x}\n" for x in items), f"lineage/{key}.txt")
+            value = list_tag(key, items)
+        tags[_tag_safe(key)] = _short(value)
+    return tags
+
+
+def _log_training_input(settings, train_data: pd.DataFrame, lineage: dict) -> None:
+    """The training window as an MLflow dataset input (a sample of its rows); best effort."""
+    import mlflow
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MLflow's hint on int columns in the sample
+            mlflow.log_input(_dataset_input(train_data, settings, str(lineage.get("snapshot_hash") or "")),
+                             context="training",
+                             tags={"snapshot_hash": str(lineage.get("snapshot_hash", "")),
+                                   "n_rows": str(len(train_data)),
+                                   "sampled_rows": str(min(len(train_data), 2000))})
+    except Exception as exc:  # lineage of the data is best effort, the model is not
+        log.warning("mlflow.log_input failed: %s", exc)
+        mlflow.set_tag("log_input_error", _short(str(exc)))
+
+
+MAX_DESCRIPTION = 5000  # MLflow's model_versions.description is VARCHAR(5000) on SQL stores
+
+
+def version_description(decision, lineage: dict, limit: int = MAX_DESCRIPTION) -> str:
+    """The model version's description in the MLflow UI (markdown): why it was trained, the gate table
+    (``decision.to_markdown()``) and what it learned from. Over ``limit`` characters, whole lines of the
+    gate table are kept and the rest is left to the run's ``gate_report.md``."""
+    trigger = str(lineage.get("trigger_reason") or "not recorded")[:300]
+    head = f"**Trigger:** `{trigger}`\n\n"
+    batches = _lineage_list(lineage.get("batch_ids"))
+    said = []
+    if batches:
+        shown = batches[0] if len(batches) == 1 else f"{batches[0]} .. {batches[-1]}"
+        noun = "batch" if len(batches) == 1 else "batches"
+        said.append(f"{len(batches)} {noun} ({shown}; all in `lineage/batch_ids.txt`)")
+    if lineage.get("snapshot_hash"):
+        said.append(f"snapshot `{str(lineage['snapshot_hash'])[:12]}`")
+    tail = f"\n**Trained on** {', '.join(said)}.\n" if said else ""
+    table = decision.to_markdown() if decision is not None and hasattr(decision, "to_markdown") else (
+        "No gate decision at registration.\n")
+    cut = "\n… the full gate report is the run's artifact `gate_report.md`.\n"
+    room = limit - len(head) - len(tail)
+    if len(table) > room:
+        kept = table[: max(room - len(cut), 0)]
+        table = kept[: kept.rfind("\n") + 1] + cut
+    return (head + table + tail)[:limit]
 
 
 def registration_key(flow_run_id, fingerprint, snapshot_hash, weights_sha256) -> str | None:
@@ -444,10 +535,12 @@ def _logged_run_with_key(c, exp_id: str, key: str) -> tuple[str, str, dict] | No
     return None
 
 
-def _finish_registration(c, name: str, run_id: str, version: str) -> None:
-    """The steps after ``register_model`` (idempotent): ``challenger`` on a still-pending version,
-    the version number on the run."""
+def _finish_registration(c, name: str, run_id: str, version: str, description: str | None = None) -> None:
+    """The steps after ``register_model`` (idempotent): the description, ``challenger`` on a
+    still-pending version, the version number on the run."""
     mv = c.get_model_version(name, version)
+    if description and mv.description != description:
+        c.update_model_version(name, version, description=description)
     if (mv.tags or {}).get("gate_decision", "pending") == "pending":
         c.set_registered_model_alias(name, CHALLENGER, version)
     if run_id:

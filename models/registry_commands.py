@@ -21,26 +21,38 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _render(versions: list[dict]) -> None:
+def _why(v: dict, limit: int | None = None) -> str:
+    failed = [k for k, x in v["gates"].items() if str(x).startswith("fail")]
+    reason = v["gate_reasons"] or ""
+    return ", ".join(failed) or (reason[:limit] if limit else reason)
+
+
+def _render(versions: list[dict], wide: bool = False) -> None:
+    """One row per version. By default the columns a person reads at a glance in an 80-column terminal
+    (version, aliases, decision, AUC, why); ``wide``: every metric and the trigger too."""
     if not versions:
         typer.echo("no registered model versions yet")
         return
-    rows = []
-    for v in versions:
-        failed = [k for k, x in v["gates"].items() if str(x).startswith("fail")]
-        rows.append([v["version"], ",".join(v["aliases"]), v["gate_decision"] or "",
-                     *[_fmt(v["metrics"].get(m)) for m in _METRICS],
-                     ", ".join(failed) or (v["gate_reasons"][:60] if v["gate_reasons"] else ""),
-                     v["lineage"].get("trigger_reason", "")])
+    if not wide:
+        rows = [[v["version"], ",".join(v["aliases"]), v["gate_decision"] or "",
+                 _fmt(v["metrics"].get("auc")), _why(v)] for v in versions]
+        table("model versions (newest first; --wide for every metric)",
+              ["version", "aliases", "decision", "auc", "failed gates / reason"], rows)
+        return
+    rows = [[v["version"], ",".join(v["aliases"]), v["gate_decision"] or "",
+             *[_fmt(v["metrics"].get(m)) for m in _METRICS], _why(v, 60),
+             v["lineage"].get("trigger_reason", "")] for v in versions]
     table("model versions (newest first)", ["version", "aliases", "decision", *_METRICS, "failed gates / reason",
                                             "trigger"], rows)
 
 
-def models(workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt):
-    """List registered model versions: aliases, gate decision, metrics, failed gates, lineage."""
+def models(workspace: Path = WorkspaceOpt, as_json: bool = JsonOpt,
+           wide: bool = typer.Option(False, "--wide", help="Every column: all metrics and the trigger")):
+    """List registered model versions: aliases, gate decision, AUC, failed gates (--wide: every metric and
+    the trigger)."""
     from models.registry import list_versions
 
-    emit(list_versions(settings_for(workspace)), as_json, _render)
+    emit(list_versions(settings_for(workspace)), as_json, lambda versions: _render(versions, wide))
 
 
 def rollback(

@@ -1,8 +1,9 @@
 """The ``recloop`` command line.
 
 Commands of the spine live here; each room adds its own from ``<room>/commands.py``
-through a ``register(app)`` function (imported lazily so ``recloop --help`` stays
-fast and a room that is not built yet simply adds nothing).
+through a ``register(app)`` function. A room's command module imports only Typer and the
+spine at the top (its room is imported inside each command), so ``recloop --help`` stays
+fast; a room whose command module fails to import fails the CLI loudly.
 """
 
 from __future__ import annotations
@@ -11,11 +12,36 @@ import importlib
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
-from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table, terminate_like_ctrl_c
+from recloop.cli_common import JsonOpt, WorkspaceOpt, emit, fail, settings_for, table
+
+
+def _no_value_shown(option):
+    """A flag takes no value, so its help shows no type (Typer's rich help prints ``<bool>`` next to
+    every flag, ``--help`` included, which reads as if the flag wanted an argument)."""
+    if option is not None and getattr(option, "is_flag", False) and option.metavar is None:
+        option.metavar = ""
+    return option
+
+
+class CommandGroup(TyperGroup):
+    """The ``recloop`` group: help without ``<bool>`` next to flags, for the group and every command."""
+
+    def get_help_option(self, ctx):
+        return _no_value_shown(super().get_help_option(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            for param in command.params:
+                _no_value_shown(param)
+            _no_value_shown(command.get_help_option(ctx))
+        return command
+
 
 app = typer.Typer(help="recloop: a self-retraining BERT recommender (Prefect, GX, Evidently, Lightning, MLflow).",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, cls=CommandGroup)
 
 # Defaults for every command: offline model loading, no Prefect analytics, and a patient
 # ephemeral Prefect server (its 20 s default is too short on a busy 2-core machine).
@@ -179,24 +205,9 @@ def _render_status(doc: dict) -> None:
               [[m["version"], ",".join(m["aliases"]), m.get("status")] for m in doc["models"]])
 
 
-@app.command()
-def demo(workspace: Path = WorkspaceOpt, fresh: bool = typer.Option(True, help="Start from an empty workspace")):
-    """Run the whole loop on the embedded default (synthetic data, SQLite MLflow, ephemeral Prefect)."""
-    from recloop.demo import run_demo
-
-    with terminate_like_ctrl_c():  # SIGTERM stops the demo's stack like Ctrl-C
-        run_demo(settings_for(workspace), fresh=fresh)
-
-
 def _register_rooms() -> None:
     for name in ROOM_COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that room has no commands yet
-                continue
-            raise
-        module.register(app)
+        importlib.import_module(name).register(app)
 
 
 _register_rooms()

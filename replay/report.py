@@ -102,39 +102,74 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict]], path: Path, drift_at: str | None = None, title: str = "") -> Path:
+MARKERS = {"promotion": ("^", 30), "rejected candidate": ("x", 25), "failed retrain": ("$!$", 40)}
+
+
+def _batch_times(records: list[dict]):
+    """Each batch's start and the moment after it (the next batch's start; the last: start + the usual step),
+    as naive UTC datetimes: a retrain's marker sits after the batch it followed."""
+    import pandas as pd
+
+    starts = pd.to_datetime([r["batch_start"] for r in records], utc=True).tz_convert(None)
+    if len(starts) < 2:
+        return starts, starts + pd.Timedelta(days=1)
+    step = pd.Series(starts).diff().median()
+    return starts, starts[1:].append(starts[-1:] + step)
+
+
+def draw(results: dict[str, list[dict]], drift_at: str | None = None, title: str = ""):
+    """The replay figure: each policy's AUC per batch over the batches' dates; its promotions (▲),
+    rejected candidates (×) and failed retrains (!) under the lines, every marker named in the legend
+    beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(11, 4.5), dpi=110)
+    for policy, records in results.items():
+        starts, after = _batch_times(records)
+        scored = [i for i, r in enumerate(records) if r.get("auc") is not None]
+        ys = [records[i]["auc"] for i in scored]
+        (line,) = ax.plot(starts[scored], ys, marker=".", label=policy)
+        floor = min(ys or [0.5])
+        for k, (kind, keep) in enumerate([("promotion", lambda r: r.get("promoted")),
+                                          ("rejected candidate", rejected), ("failed retrain", failed)]):
+            at = [i for i, r in enumerate(records) if keep(r)]
+            marker, size = MARKERS[kind]
+            ax.scatter(after[at], [floor - 0.02 - 0.015 * k] * len(at), marker=marker, s=size,
+                       color="red" if kind == "failed retrain" else line.get_color())
+            if kind == "promotion":
+                for x in after[at]:
+                    ax.axvline(x, color=line.get_color(), alpha=0.25, lw=1)
+    if drift_at is not None:
+        when = pd.Timestamp(drift_at)
+        when = when.tz_convert("UTC").tz_localize(None) if when.tzinfo else when
+        ax.axvline(when, color="black", ls="--", lw=1)
+        ax.text(when, ax.get_ylim()[1], " drift", va="top", fontsize=8)
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.set_xlabel("batch start (UTC); each batch scored by the champion before it is ingested")
+    ax.set_ylabel("AUC")
+    ax.set_title(title or "replay: AUC per batch")
+    ax.grid(alpha=0.3)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], ls="", marker=m, color="red" if kind == "failed retrain" else "dimgray",
+                       label=kind) for kind, (m, _) in MARKERS.items()]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot(results: dict[str, list[dict]], path: Path, drift_at: str | None = None, title: str = "") -> Path:
+    """:func:`draw`, written atomically to ``path`` (PNG)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
-    for policy, records in results.items():
-        xs = [i for i, r in enumerate(records) if r.get("auc") is not None]
-        ys = [records[i]["auc"] for i in xs]
-        (line,) = ax.plot(xs, ys, marker=".", label=policy)
-        promos = [i for i, r in enumerate(records) if r.get("promoted")]
-        rejects = [i for i, r in enumerate(records) if rejected(r)]
-        fails = [i for i, r in enumerate(records) if failed(r)]
-        for i in promos:
-            ax.axvline(i + 0.5, color=line.get_color(), alpha=0.25, lw=1)
-        floor = min(ys or [0.5])
-        ax.scatter([i + 0.5 for i in promos], [floor - 0.02] * len(promos), marker="^", color=line.get_color(), s=30)
-        ax.scatter([i + 0.5 for i in rejects], [floor - 0.035] * len(rejects), marker="x",
-                   color=line.get_color(), s=25)
-        ax.scatter([i + 0.5 for i in fails], [floor - 0.05] * len(fails), marker="$!$", color="red", s=40)
-    if drift_at is not None:
-        first = next(iter(results.values()), [])
-        idx = next((i for i, r in enumerate(first) if r["batch_start"] >= drift_at), None)
-        if idx is not None:
-            ax.axvline(idx - 0.5, color="black", ls="--", lw=1)
-            ax.text(idx - 0.4, ax.get_ylim()[1], " drift", va="top", fontsize=8)
-    ax.set_xlabel("batch (time order); scored by the champion before ingest")
-    ax.set_ylabel("AUC")
-    ax.set_title(title or "replay: AUC per batch (▲ promotion, × rejected candidate, ! failed retrain)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    fig = draw(results, drift_at, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)

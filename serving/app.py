@@ -7,6 +7,7 @@ Routes
   ``GET  /health``                     200 ``ready`` / ``degraded`` (a fallback model) when a model is loaded, else 503
   ``GET  /model``                      served version, trained window, metrics (no file paths without the token)
   ``POST /admin/reload``               poll the registry and refresh the store view now (token)
+  ``GET  /docs``, ``/redoc``           the API pages, from local assets (``serving/apidocs.py``)
 
 Everything a request needs is read once at its start (``holder.current``,
 ``view.data``), so background swaps never change a response half-way. Limits and access
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from serving import ranking
+from serving.apidocs import mount_api_docs
 from serving.feedback import FeedbackWriter, ImpressionLog, impressions_dir
 from serving.lifecycle import ModelHolder, ModelSource, RegistryModelSource
 from serving.options import option
@@ -124,8 +126,9 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
             impressions.stop()
             writer.close()  # lands the open feedback batch
 
-    app = FastAPI(title="recloop serving", version="1", lifespan=lifespan,
+    app = FastAPI(title="recloop serving", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Search and recommendations from the champion model; feedback into landing/.")
+    mount_api_docs(app)  # /docs and /redoc with local assets: they work offline
     app.state.settings, app.state.holder, app.state.view = settings, holder, view
     app.state.writer, app.state.impressions, app.state.limiter = writer, impressions, limiter
     app.state.client_limiter, app.state.global_limiter = client_limiter, global_limiter

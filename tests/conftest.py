@@ -29,10 +29,9 @@ def settings(tmp_path, monkeypatch):
 @pytest.fixture
 def small_world():
     """A small synthetic world (fast to generate) for room tests."""
-    from recloop.datasets.synthetic import SyntheticConfig, generate
+    from recloop.datasets.synthetic import generate
 
-    return generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16,
-                                    bad_batch_day=2))
+    return generate(small_world_config(bad_batch_day=2))
 
 
 def permissive_toml(encoder, extra: str = "") -> str:
@@ -127,3 +126,14 @@ def no_child_process_outlives_the_suite():
             pass
     pytest.fail("processes started during the tests outlived them (now stopped):\n  " + "\n  ".join(described),
                 pytrace=False)
+
+
+# ---- the small synthetic world most tests share (issue 16: one literal, not seven) -------------------
+def small_world_config(**changes):
+    """``SyntheticConfig`` of the small world: 120 users, 80 items, 14 daily batches, drift from day 9 with
+    16 new items, no corrupted batch; ``changes`` override any field (e.g. ``bad_batch_day=2``)."""
+    from recloop.datasets.synthetic import SyntheticConfig
+
+    fields = {"seed": 3, "n_users": 120, "n_items": 80, "n_days": 14, "drift_day": 9, "drift_items": 16,
+              "bad_batch_day": None}
+    return SyntheticConfig(**{**fields, **changes})

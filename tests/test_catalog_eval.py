@@ -205,10 +205,10 @@ def test_top_n_is_the_serving_index_retrieval():
 # ------------------------------------------------------------------------------------------ with a model
 @pytest.fixture(scope="module")
 def world():
-    from recloop.datasets.synthetic import SyntheticConfig, generate
+    from recloop.datasets.synthetic import generate
+    from tests.conftest import small_world_config
 
-    return generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16,
-                                    bad_batch_day=None))
+    return generate(small_world_config())
 
 
 @pytest.fixture(scope="module")

@@ -36,3 +36,52 @@ def test_import_movielens(tmp_path):
     assert json.loads(res.stdout)["batches"] == 4
     bad = runner.invoke(app, ["import-movielens", str(tmp_path / "none"), "-w", str(tmp_path)])
     assert bad.exit_code == 1
+
+
+def test_help_shows_no_type_next_to_flags():
+    """Flags take no value: no ``<bool>`` next to ``--help``, ``--json`` or ``--fresh/--no-fresh``; options
+    that take a value keep their type."""
+    for args in (["--help"], ["status", "--help"], ["demo", "--help"], ["models", "--help"]):
+        res = runner.invoke(app, args, terminal_width=80)
+        assert res.exit_code == 0, res.output
+        assert "--help" in res.output and "<bool>" not in res.output, res.output
+    assert "<path>" in runner.invoke(app, ["status", "--help"], terminal_width=80).output
+
+
+def _versions():
+    gates = {"evidence": "pass", "min_auc": "pass 0.7421 >= 0.6",
+             "beats_baselines": "fail +0.0081 [-0.0002, +0.0170]",
+             "vs_champion_auc": "fail -0.0300 [-0.041, -0.019]", "group_auc_gap:gender": "pass 0.031"}
+    metrics = {"auc": 0.742134, "ndcg_at_10": 0.12345, "cold_item_auc": 0.6712, "tail_exposure": 0.0812}
+    return [{"version": str(n), "aliases": aliases, "gate_decision": decision, "gate_reasons": "",
+             "gates": gates if decision == "rejected" else {}, "metrics": metrics,
+             "lineage": {"trigger_reason": "drift: data_drift share 0.62 on 2026-11-29"}}
+            for n, aliases, decision in [(12, [], "rejected"), (11, ["champion"], "promoted"),
+                                         (10, ["previous"], "promoted")]]
+
+
+def test_models_reads_at_a_glance_in_80_columns(monkeypatch, capsys):
+    """``recloop models`` in an 80-column terminal: every header and value whole (no "versi…", "champ…");
+    ``--wide`` shows every metric and the trigger."""
+    from models.registry_commands import _render
+
+    monkeypatch.setenv("COLUMNS", "80")
+    _render(_versions())
+    out = capsys.readouterr().out
+    assert "…" not in out, out
+    for word in ("version", "aliases", "decision", "auc", "champion", "previous", "promoted", "rejected",
+                 "0.7421", "beats_baselines", "vs_champion_auc"):
+        assert word in out, (word, out)
+    assert max(len(line) for line in out.splitlines()) <= 80
+    monkeypatch.setenv("COLUMNS", "200")
+    _render(_versions(), wide=True)
+    wide = capsys.readouterr().out
+    assert all(w in wide for w in ("ndcg_at_10", "cold_item_auc", "tail_exposure", "trigger",
+                                   "drift: data_drift"))
+
+
+def test_models_command_offers_wide(tmp_path):
+    res = runner.invoke(app, ["models", "--help"], terminal_width=100)
+    assert "--wide" in res.output
+    res = runner.invoke(app, ["models", "--wide", "-w", str(tmp_path / "ws")])
+    assert res.exit_code == 0, res.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import small_world_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +53,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from models.train import train_recommender
 
     out_dir = sys.argv[1]
-    world = generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16))
+    world = generate(SyntheticConfig(**{config!r}))
     s = load_settings(os.path.join(out_dir, "ws"))
     t = s.training
     t.encoder_path = str(make_tiny_encoder(os.path.join(out_dir, "enc")))
@@ -66,7 +69,8 @@ DDP_SCRIPT = textwrap.dedent("""
 
 def test_ddp_two_cpu_processes_gloo(tmp_path):
     script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT)))
+    config = dataclasses.asdict(small_world_config(bad_batch_day=3))  # the small world with a corrupted day 3
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), config=config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MASTER_PORT": "29533",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,

@@ -27,10 +27,10 @@ def tiny_encoder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world():
     """The conftest ``small_world``, generated once for this module (it is read-only here)."""
-    from recloop.datasets.synthetic import SyntheticConfig, generate
+    from recloop.datasets.synthetic import generate
+    from tests.conftest import small_world_config
 
-    return generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16,
-                                    bad_batch_day=2))
+    return generate(small_world_config(bad_batch_day=2))
 
 
 @pytest.fixture
@@ -259,6 +259,9 @@ def test_refit_trains_on_validation_events_for_the_chosen_epochs(tiny_settings, 
     events, cat = _late_world(world)
     tiny_settings.training.max_epochs = 3
     tiny_settings.training.patience = 5
+    from models import network
+
+    monkeypatch.setattr(network, "_TEXT_CACHE", {})  # the per-process text cache starts empty (test order)
     calls = []
     encode = TextEncoder.encode
     monkeypatch.setattr(TextEncoder, "encode", lambda self, *a, **kw: calls.append(len(a[0])) or encode(self, *a, **kw))

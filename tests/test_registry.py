@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -60,8 +61,9 @@ def fake_eval(signal: float, n: int = 400, seed: int = 0) -> Evaluation:
 def world(tmp_path_factory):
     from models.testing import make_tiny_encoder
     from models.train import train_recommender
-    from recloop.datasets.synthetic import SyntheticConfig, generate
+    from recloop.datasets.synthetic import generate
     from recloop.store import FeedbackStore
+    from tests.conftest import small_world_config
 
     for key in [k for k in os.environ if k.startswith("RECLOOP_")]:
         os.environ.pop(key)
@@ -69,8 +71,7 @@ def world(tmp_path_factory):
     s = load_settings(root / "ws").ensure_dirs()
     s.training.encoder_path = str(make_tiny_encoder(root / "encoder"))
     s.training.max_epochs = 1
-    w = generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16,
-                                 bad_batch_day=None))
+    w = generate(small_world_config())
     store = FeedbackStore.from_settings(s)
     store.upsert_catalog(w.catalog)
     store.upsert_users(w.users)
@@ -137,7 +138,8 @@ def test_run_has_params_metrics_lineage_dataset_and_artifacts(world):
     hist = c.get_metric_history(run_id, "val_auc")
     assert [h.step for h in hist] == [h["epoch"] for h in world["history"] if "val_auc" in h]
     t = run.data.tags
-    assert t["snapshot_hash"] == "hash0" and t["batch_ids"] == "batch-0001" and t["trigger_reason"] == "test"
+    assert t["snapshot_hash"] == "hash0" and t["trigger_reason"] == "test"
+    assert t["batch_ids"] == "1: batch-0001 (lineage/batch_ids.txt)"  # the list itself is an artifact
     assert t["prefect_flow_run_id"] == "run-0" and t["git_commit"] == "abc123" and "model_fingerprint" not in t
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "training-window"
     files = {f.path for f in c.list_artifacts(run_id)} | {f.path for f in c.list_artifacts(run_id, "evaluation")}
@@ -147,6 +149,45 @@ def test_run_has_params_metrics_lineage_dataset_and_artifacts(world):
     assert exp.artifact_location == Path(s.artifact_root).resolve().as_uri()
     mv = c.get_model_version(s.model_name, v)
     assert mv.tags["snapshot_hash"] == "hash0" and len(mv.tags["weights_sha256"]) == 64
+
+
+def test_version_description_is_the_trigger_and_the_gate_table_and_tags_stay_short(world):
+    """What a person reads on the version's page in the MLflow UI: why it was trained and the gate
+    table; the batch list is an artifact, its tag only the count and first / last id."""
+    from models.registry import client
+
+    s, run_id, v = world["settings"], world["runs"][0], world["versions"][0]
+    c = client(s)
+    mv = c.get_model_version(s.model_name, v)
+    table = verdict(True).to_markdown()
+    assert mv.description.startswith("**Trigger:** `test`")
+    assert "| rule | candidate | champion |" in mv.description and table.splitlines()[-1] in mv.description
+    assert "1 batch (batch-0001; all in `lineage/batch_ids.txt`)" in mv.description
+    with tempfile.TemporaryDirectory() as tmp:
+        listed = Path(c.download_artifacts(run_id, "lineage/batch_ids.txt", tmp)).read_text()
+    assert listed == "batch-0001\n"
+    assert mv.tags["batch_ids"] == "1: batch-0001 (lineage/batch_ids.txt)"
+    assert all(len(value) <= 250 for value in mv.tags.values()), mv.tags
+
+
+def test_long_lineage_lists_become_short_tags_and_long_tables_are_cut_on_a_line():
+    from models.registry import MAX_DESCRIPTION, list_tag, version_description
+
+    batches = [f"2026-01-{d:02d}-feedback-{k:04d}" for d in range(1, 29) for k in range(40)]
+    assert list_tag("batch_ids", batches) == (f"{len(batches)}: 2026-01-01-feedback-0000 .. "
+                                              "2026-01-28-feedback-0039 (lineage/batch_ids.txt)")
+    assert list_tag("gx_validation_results", ["/w/processed/a.parquet.validation.json"]) == (
+        "1: a.parquet.validation.json (lineage/gx_validation_results.txt)")
+    assert list_tag("batch_ids", []) == "0"
+
+    class Huge:
+        def to_markdown(self):
+            return "## Gate decision\n\n" + "".join(f"| rule_{i} | 0.7000 | pass |\n" for i in range(400))
+
+    text = version_description(Huge(), {"trigger_reason": "drift", "batch_ids": ",".join(batches)})
+    assert len(text) <= MAX_DESCRIPTION and "gate_report.md" in text and "| rule_0 |" in text
+    assert f"{len(batches)} batches" in text and "| rule_399 |" not in text
+    assert all(line.endswith("|") for line in text.splitlines() if line.startswith("| rule_"))
 
 
 def test_model_is_a_pyfunc_from_code_without_pickles(world):

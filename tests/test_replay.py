@@ -142,3 +142,32 @@ def test_baselines_are_scored_per_batch_and_compared_on_the_champions_batches(se
     row = summarize("never", recs)
     assert row["best_baseline"] == "statistics-lr" and row["best_baseline_auc"] == pytest.approx(0.7)  # batches 1, 2
     assert baseline_rows({"never": recs})[1]["mean_auc"] == pytest.approx((0.9 + 0.8 + 0.6) / 3)
+
+
+def test_plot_names_its_markers_in_a_legend_clear_of_the_title_over_dates():
+    """The report's own title must not hide what ▲ / × / ! mean: the legend names every marker, sits
+    clear of the title, and the x-axis shows the batches' dates, not their numbers."""
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    from replay.report import draw
+
+    recs = _records([None, 0.6, 0.7, 0.5, 0.8], retrain_at=(0, 2, 3), promoted_at=(0, 3))
+    recs[3]["retrain_error"] = "too few events"
+    never = _records([None, 0.6, 0.6, 0.5, 0.5], retrain_at=(0,), promoted_at=(0,))
+    fig = draw({"drift": recs, "never": never}, drift_at=recs[2]["batch_start"],
+               title="replay on synthetic: AUC per batch")
+    try:
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert {"drift", "never", "promotion", "rejected candidate", "failed retrain"} <= set(labels)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        assert not legend.get_window_extent(renderer).overlaps(ax.title.get_window_extent(renderer))
+        assert isinstance(ax.xaxis.get_major_formatter(), mdates.ConciseDateFormatter)
+        xs = mdates.num2date(ax.lines[0].get_xdata(orig=False))
+        assert [x.strftime("%Y-%m-%d") for x in xs] == ["2026-01-06", "2026-01-07", "2026-01-08",
+                                                        "2026-01-09"]
+    finally:
+        plt.close(fig)

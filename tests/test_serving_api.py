@@ -21,18 +21,16 @@ from recloop.store import FeedbackStore
 from serving.app import create_app
 from serving.feedback import read_impressions
 from serving.lifecycle import LocalDirModelSource
-
-pytest.importorskip("models.recommender")
+from tests.conftest import small_world_config
 
 LOCAL = "http://127.0.0.1"  # the server answers to loopback Host names only (serving.allowed_hosts)
 
 
 @pytest.fixture(scope="session")
 def tiny_world():
-    from recloop.datasets.synthetic import SyntheticConfig, generate
+    from recloop.datasets.synthetic import generate
 
-    return generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16,
-                                    bad_batch_day=None))
+    return generate(small_world_config())
 
 
 @pytest.fixture(scope="session")
@@ -227,7 +225,8 @@ def test_concurrent_duplicate_feedback_is_stored_once(served):
 
 @pytest.mark.slow
 def test_landed_feedback_passes_the_ingest_checks(served):
-    dc = pytest.importorskip("data_checks.ingest", reason="data_checks room not built yet")
+    from data_checks import ingest as dc
+
     client, app, _, settings = served
     item = _an_item(settings)
     now = pd.Timestamp.now(tz="UTC").isoformat()
@@ -419,7 +418,8 @@ def _evaluation(n: int = 200):
 @pytest.mark.slow
 def test_serves_the_registry_champion_and_follows_the_alias(settings, tiny_world, tiny_models):
     """Default model source: models:/<name>@champion in the workspace's MLflow (SQLite), no mocks."""
-    registry = pytest.importorskip("models.registry")
+    from models import registry
+
     store = FeedbackStore.from_settings(settings)
     store.upsert_catalog(tiny_world.catalog)
     store.append(tiny_world.events, batch_id="world")

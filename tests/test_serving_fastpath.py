@@ -13,19 +13,17 @@ from recloop.store import FeedbackStore
 from serving import ranking
 from serving.lifecycle import InMemoryModelSource, ModelHolder
 from serving.storeview import StoreView
-
-pytest.importorskip("models.recommender")
+from tests.conftest import small_world_config
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from models.testing import make_tiny_encoder
     from models.train import train_recommender
-    from recloop.datasets.synthetic import SyntheticConfig, generate
+    from recloop.datasets.synthetic import generate
     from recloop.settings import load_settings
 
-    world = generate(SyntheticConfig(seed=3, n_users=120, n_items=80, n_days=14, drift_day=9, drift_items=16,
-                                     bad_batch_day=None))
+    world = generate(small_world_config())
     root = tmp_path_factory.mktemp("fastpath")
     enc = make_tiny_encoder(root / "encoder")
     s = load_settings(root / "ws", training={"encoder_path": str(enc), "max_epochs": 1, "embed_dim": 16,

@@ -25,7 +25,8 @@ def _truncate(path: Path) -> None:
 @pytest.mark.slow
 def test_a_corrupt_registry_champion_falls_back_to_previous_and_cache_repairs_are_logged(
         settings, tiny_world, tiny_models, caplog):
-    registry = pytest.importorskip("models.registry")
+    from models import registry
+
     store = FeedbackStore.from_settings(settings)
     store.upsert_catalog(tiny_world.catalog)
     store.append(tiny_world.events, batch_id="world")
