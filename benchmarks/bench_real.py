@@ -213,7 +213,6 @@ def ablations(cache: Path = DEFAULT_CACHE, lag: float = 0.0) -> dict:
     """What each signal adds (same split, same lag, same seed): full fusion, fusion without the towers,
     without text, statistics only (trees and the logistic regression), the towers alone (BERT + statistics,
     with and without id embeddings), ids only (tuned MF)."""
-    import pandas as pd
 
     from models.baselines import MatrixFactorizationBaseline
     from models.cf import CF_COLUMNS

@@ -271,14 +271,14 @@ def measure(workdir: Path, n_requests: int, n_naive: int) -> dict:
             events = FeedbackStore(workdir / "ws" / "store").read(columns=["user_id", "label"])
             users = events[events["label"] == 1]["user_id"].astype(str).unique()
             rng = np.random.default_rng(0)
-            pick = lambda n: [str(u) for u in rng.choice(users, size=n)]  # noqa: E731
+            pick = lambda n: [str(u) for u in rng.choice(users, size=n)]
             words = [w for v in VOCAB.values() for w in v]
             queries = [" ".join(rng.choice(words, size=int(rng.integers(1, 4)), replace=False))
                        for _ in range(n_requests)]
             _run(client, [f"/recommend?user_id={u}&k=10" for u in pick(30)], 1)  # warm-up
             _run(client, [f"/search?q={q}&k=10" for q in queries[:10]], 1)
             out = {"startup_seconds": round(startup, 1), "index_build_seconds": model.get("index_build_seconds"),
-                   "items_indexed": model.get("items_indexed"), "users_with_history": int(len(users))}
+                   "items_indexed": model.get("items_indexed"), "users_with_history": len(users)}
             out["recommend_c1"] = _run(client, [f"/recommend?user_id={u}&k=10" for u in pick(n_requests)], 1)
             out["recommend_c8"] = _run(client, [f"/recommend?user_id={u}&k=10" for u in pick(n_requests)], 8)
             out["recommend_cold_c1"] = _run(client, [f"/recommend?user_id=cold-{i}&k=10"
@@ -303,20 +303,20 @@ def measure(workdir: Path, n_requests: int, n_naive: int) -> dict:
 
 def _markdown(doc: dict, argv: str) -> str:
     p, m = doc["prepare"], doc["measure"]
-    row = lambda name, r: (f"| {name} | {r['concurrency']} | {r['n']} | {r['p50_ms']} | {r['p99_ms']} | "  # noqa: E731
+    row = lambda name, r: (f"| {name} | {r['concurrency']} | {r['n']} | {r['p50_ms']} | {r['p99_ms']} | "
                            f"{r['req_per_s']} | {r['errors']} |")
     return "\n".join([
         "", f"## Serving latency (`{argv}`) — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-        f"Machine: {doc['machine']}; shared with other agents while measured (figures are noisy). "
-        "Loopback HTTP (uvicorn in a subprocess, httpx client), real all-MiniLM-L6-v2 Recommender (frozen "
-        f"mode, embed_dim 128), {p['n_items']:,} catalog items, {p['events_stored']:,} stored events; "
-        f"serving.candidates=200, serving.rescore=50.", "",
-        f"- item texts: {p['distinct_item_texts']:,} distinct among {p['n_items']:,} items; MiniLM encoding "
-        f"measured at {p['encode_texts_per_s'] or float('nan'):.0f} texts/s (torch threads {p['torch_threads']}), "
-        f"i.e. ~{p['full_catalog_encode_minutes_est'] or float('nan'):.0f} min for 100k distinct texts on this "
-        "machine; done once, cached in the model's text-vector cache",
-        f"- server start to ready (load model + text-vector cache, build the 100k item index): "
-        f"{m['startup_seconds']} s (index build {m['index_build_seconds']} s)", "",
+        (f"Machine: {doc['machine']}; shared with other agents while measured (figures are noisy). "
+         "Loopback HTTP (uvicorn in a subprocess, httpx client), real all-MiniLM-L6-v2 Recommender (frozen "
+         f"mode, embed_dim 128), {p['n_items']:,} catalog items, {p['events_stored']:,} stored events; "
+         f"serving.candidates=200, serving.rescore=50."), "",
+        (f"- item texts: {p['distinct_item_texts']:,} distinct among {p['n_items']:,} items; MiniLM encoding "
+         f"measured at {p['encode_texts_per_s'] or float('nan'):.0f} texts/s (torch threads {p['torch_threads']}), "
+         f"i.e. ~{p['full_catalog_encode_minutes_est'] or float('nan'):.0f} min for 100k distinct texts on this "
+         "machine; done once, cached in the model's text-vector cache"),
+        (f"- server start to ready (load model + text-vector cache, build the 100k item index): "
+         f"{m['startup_seconds']} s (index build {m['index_build_seconds']} s)"), "",
         "| route | concurrency | requests | p50 ms | p99 ms | req/s | errors |", "|---|---|---|---|---|---|---|",
         row("/recommend k=10 (users with history)", m["recommend_c1"]),
         row("/recommend k=10 (users with history)", m["recommend_c8"]),
@@ -324,9 +324,9 @@ def _markdown(doc: dict, argv: str) -> str:
         row("/search k=10 (one MiniLM query encoding)", m["search_c1"]),
         *([row("/search k=10 (one MiniLM query encoding)", m["search_c8"])] if "search_c8" in m else []),
         row("naive: score all items with the full model", m["naive_c1"]), "",
-        f"Naive / served: {m['naive_over_served_p50']}x the p50 latency, served does "
-        f"{m['naive_over_served_rps']}x the requests/s at concurrency 1. "
-        "Targets: /recommend p99 <= 25 ms at concurrency 1, /search p99 <= 60 ms.", ""])
+        (f"Naive / served: {m['naive_over_served_p50']}x the p50 latency, served does "
+         f"{m['naive_over_served_rps']}x the requests/s at concurrency 1. "
+         "Targets: /recommend p99 <= 25 ms at concurrency 1, /search p99 <= 60 ms."), ""])
 
 
 def main(argv=None) -> None:

@@ -100,6 +100,6 @@ def run_checkpoint(suite_name: str, df, params: dict, docs_dir: Path | None, run
             try:
                 urls = rt.context.get_docs_sites_urls(resource_identifier=identifier, site_names=[DOCS_SITE])
                 page = urls[0]["site_url"].removeprefix("file://") if urls else None
-            except Exception:  # noqa: BLE001 - the page exists either way; its url is a convenience
+            except Exception:
                 page = None
     return vr, page

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from datetime import UTC
 from pathlib import Path
 
 from rich.console import Console
@@ -43,8 +44,12 @@ def _final(state_type: str) -> bool:
 def wait_for_triggered_run(deployment: str, after, timeout: float = 900.0):
     """Wait for a run of ``deployment`` created after ``after`` to appear and finish."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterExpectedStartTime
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+    )
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
@@ -56,7 +61,7 @@ def wait_for_triggered_run(deployment: str, after, timeout: float = 900.0):
             )
             runs = [r for r in runs if r.created and r.created >= after]
             if runs:
-                run = sorted(runs, key=lambda r: r.created)[0]
+                run = min(runs, key=lambda r: r.created)
                 if run.state and _final(run.state.type.value):
                     return run
             time.sleep(2)
@@ -121,7 +126,7 @@ def run_loop_demo(settings, fresh: bool = True) -> dict:
 
 
 def _run_wave(label, wave, settings, stage, run_deployment) -> dict:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     t0 = time.perf_counter()
     _land(wave, settings.landing_dir)
@@ -132,7 +137,7 @@ def _run_wave(label, wave, settings, stage, run_deployment) -> dict:
     stage(f"{label}: ingest", t0, f"{len(wave)} files -> {processed} processed so far, quarantined: "
                                   f"{', '.join(quarantined) or 'none'} (run {ingest.name})")
     t0 = time.perf_counter()
-    before_monitor = datetime.now(timezone.utc)
+    before_monitor = datetime.now(UTC)
     monitor = run_deployment("monitor/monitor", timeout=600)
     _check(monitor, "monitor")
     drift = _latest_drift(settings)

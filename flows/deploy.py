@@ -33,28 +33,28 @@ def deployment_specs(settings) -> dict[str, dict]:
     ws = str(settings.root)
     resource = f"recloop.workspace.{settings.root.name}"
     return {
-        "ingest": dict(
-            cron=settings.ingest_cron, parameters={"workspace": ws}, tags=["recloop", "ingest"],
-            description="Validate every new landing file with Great Expectations; store good rows, quarantine bad "
+        "ingest": {
+            "cron": settings.ingest_cron, "parameters": {"workspace": ws}, "tags": ["recloop", "ingest"],
+            "description": "Validate every new landing file with Great Expectations; store good rows, quarantine bad "
                         "batches with reasons.",
-        ),
-        "monitor": dict(
-            cron=settings.monitor_cron, parameters={"workspace": ws}, tags=["recloop", "monitor"],
-            description="Evidently drift (data, target, prediction) and live AUC of the champion; emits "
+        },
+        "monitor": {
+            "cron": settings.monitor_cron, "parameters": {"workspace": ws}, "tags": ["recloop", "monitor"],
+            "description": "Evidently drift (data, target, prediction) and live AUC of the champion; emits "
                         f"{DRIFT_DETECTED} when a retrain is due.",
-        ),
-        "retrain": dict(
-            parameters={"workspace": ws}, tags=["recloop", "retrain"], concurrency_limit=1,
-            description="Train a candidate, judge it against the champion on AUC and fairness gates, promote or "
+        },
+        "retrain": {
+            "parameters": {"workspace": ws}, "tags": ["recloop", "retrain"], "concurrency_limit": 1,
+            "description": "Train a candidate, judge it against the champion on AUC and fairness gates, promote or "
                         "reject. Triggered by drift events.",
-            triggers=[DeploymentEventTrigger(
+            "triggers": [DeploymentEventTrigger(
                 name=f"retrain on drift ({settings.root.name})",
                 expect={DRIFT_DETECTED},
                 match={"prefect.resource.id": resource},
                 parameters={"workspace": ws, "reason": "{{ event.payload.reason }}",
                             "drift_report": "{{ event.payload.report_path }}"},
             )],
-        ),
+        },
     }
 
 

@@ -69,7 +69,7 @@ def _lineage(settings, version, meta) -> tuple[dict, dict]:
             run = client.get_run(mv.run_id)
             tags = {**run.data.tags, **run.data.params, **tags}
             metrics.update(run.data.metrics)
-    except Exception as exc:  # noqa: BLE001 - the meta dict may already carry what we need
+    except Exception as exc:
         logging.getLogger(__name__).warning("could not read lineage of v%s from MLflow: %s", version, exc)
     return tags, metrics
 

@@ -11,7 +11,7 @@ import json
 import signal
 import threading
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
@@ -117,7 +117,7 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
     logger = get_run_logger()
     ensure_retrain_limit()
     with concurrency(RETRAIN_LIMIT, occupy=1, strict=True):
-        held_from = datetime.now(timezone.utc).isoformat()
+        held_from = datetime.now(UTC).isoformat()
         storm.mark_retrain_started(settings, reason=reason)  # storm control: now running
         ok, error, signame = False, None, None
         try:
@@ -137,7 +137,7 @@ def retrain_flow(reason: str = "manual", workspace: str | None = None, drift_rep
                 _housekeeping(settings, logger)
             storm.mark_retrain_finished(settings, succeeded=ok)
             _audit(settings, {"flow_run_id": str(runtime.flow_run.id or ""), "reason": reason, "held_from": held_from,
-                              "held_to": datetime.now(timezone.utc).isoformat(), "succeeded": ok, "error": error,
+                              "held_to": datetime.now(UTC).isoformat(), "succeeded": ok, "error": error,
                               "signal": signame})
     return outcome
 

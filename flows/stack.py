@@ -108,7 +108,7 @@ class Stack:
     def prefect_url(self) -> str:
         return prefect_api_url(self.settings).removesuffix("/api")
 
-    def start(self, timeout: float = 90.0) -> "Stack":
+    def start(self, timeout: float = 90.0) -> Stack:
         for svc in self.services:
             port = _port_of(svc.url)
             if port and _port_in_use(port):
@@ -116,7 +116,7 @@ class Stack:
                                    f"stop it with `recloop down`, or choose another port in settings)")
         try:
             for svc in self.services:
-                log = open(self.log_dir / f"{svc.name}.log", "ab")
+                log = open(self.log_dir / f"{svc.name}.log", "ab")  # noqa: SIM115 - the child keeps writing to it
                 svc.proc = subprocess.Popen(svc.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
                                             cwd=str(Path(__file__).resolve().parent.parent))
@@ -140,8 +140,8 @@ class Stack:
                     try:
                         client.read_deployment_by_name(name)
                         found.add(name)
-                    except Exception:
-                        pass
+                    except Exception:  # noqa: S112 - not registered yet: keep polling
+                        continue
             if found == set(names):
                 return
             dep = next((s for s in self.services if s.name == "deployments"), None)
@@ -168,7 +168,7 @@ class Stack:
         stop_process_groups([svc.proc for svc in reversed(self.services) if svc.proc], grace)
         (self.settings.state_dir / "stack.json").unlink(missing_ok=True)
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -263,7 +263,7 @@ def head_items(popularity, share: float = HEAD_SHARE) -> set[str]:
         return set()
     frame = pd.DataFrame({"item_id": pop.index, "pop": pop.to_numpy()})
     frame = frame.sort_values(["pop", "item_id"], ascending=[False, True], kind="mergesort")
-    n_head = int(math.ceil(share * len(frame)))
+    n_head = math.ceil(share * len(frame))
     return set(frame["item_id"].iloc[:n_head])
 
 
@@ -423,7 +423,7 @@ def evaluate_scores(
     kept = scored[keep].assign(**group_vals).reset_index(drop=True)
     return Evaluation(
         auc=g_auc, ndcg_at_k=ndcg, recall_at_k=rec, per_group_auc=per_group, group_auc_gap=gaps,
-        cold_item_auc=cold, tail_exposure=tail, n_events=int(len(scored)),
+        cold_item_auc=cold, tail_exposure=tail, n_events=len(scored),
         n_users=int(scored["user_id"].nunique()), k=k, n_positive=int(y.sum()), n_cold_events=n_cold,
         per_group_n=per_group_n, reasons=reasons, scored=kept,
     )

@@ -347,7 +347,7 @@ class ServingStats:
                    item_n=item_n, item_n_pos=item_n_pos, item_log_age=item_log_age, categories=categories,
                    unknown_cat=unknown_cat, ref_now=ref_now,
                    user_index={str(u): k for k, u in enumerate(uniq)}, user_start=user_start,
-                   ev_item=ev_item[order], ev_label=labels[order], n_events=int(len(labels)),
+                   ev_item=ev_item[order], ev_label=labels[order], n_events=len(labels),
                    catalog=catalog, _catalog_part=part)
 
     def user(self, user_id: str) -> UserStats:

@@ -14,10 +14,9 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np

@@ -34,7 +34,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ class PromotionResult:
 
 # --------------------------------------------------------------------------- plumbing
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _uri(path_or_uri: str) -> str:
@@ -1007,7 +1007,7 @@ def list_versions(settings) -> list[dict]:
                                                              "gate_error", "gate_failed_at")},
             "metrics": {k: metrics[k] for k in sorted(metrics) if not k.startswith("champion_")
                         and not k.startswith(("train_", "val_"))},
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
             "run_id": mv.run_id,
             "lineage": {k: tags[k] for k in ("snapshot_hash", "window_start", "window_end", "trigger_reason",
                                              "prefect_flow_run_id", "git_commit") if k in tags},

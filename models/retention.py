@@ -32,7 +32,7 @@ import os
 import shutil
 import stat
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def prune_versions(settings, keep_last: int | None = None) -> PruneReport:
                 cache = _cache_dir(settings, v)
                 size += disk_usage(cache)
                 shutil.rmtree(cache, ignore_errors=True)
-                c.set_model_version_tag(name, v, PRUNED_TAG, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                c.set_model_version_tag(name, v, PRUNED_TAG, datetime.now(UTC).isoformat(timespec="seconds"))
                 c.set_model_version_tag(name, v, "artifacts_pruned_bytes", str(size))
                 report.pruned.append(v)
                 report.freed_bytes += size

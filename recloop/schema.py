@@ -18,7 +18,7 @@ evaluation only and are never model inputs.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import pandas as pd
@@ -83,12 +83,12 @@ class FeedbackEvent(BaseModel):
         if v.tzinfo is None:
             raise ValueError("timestamp must carry a timezone (UTC)")
         try:
-            return v.astimezone(timezone.utc)
+            return v.astimezone(UTC)
         except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+05:00: out of range once converted
             raise ValueError(f"timestamp {v.isoformat()} is out of range in UTC") from exc
 
     @model_validator(mode="after")
-    def _label_matches_type(self) -> "FeedbackEvent":
+    def _label_matches_type(self) -> FeedbackEvent:
         expected = LABEL_BY_EVENT[self.event_type]
         if self.label is None:
             self.label = expected

@@ -8,8 +8,10 @@ Nothing happens at import time: no folder is created until :meth:`Settings.ensur
 
 from __future__ import annotations
 
+import itertools
 import os
 import tomllib
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -292,7 +294,7 @@ class Settings(BaseSettings):
         return self.mlflow_artifact_root or str(self.root / "mlartifacts")
 
     @property
-    def feature_lag(self) -> "pd.Timedelta":
+    def feature_lag(self) -> pd.Timedelta:
         """The label delay features must respect (``feature_lag_seconds``, else the ingest cadence)."""
         import pandas as pd
 
@@ -300,7 +302,7 @@ class Settings(BaseSettings):
             return pd.Timedelta(seconds=float(self.feature_lag_seconds))
         return pd.Timedelta(seconds=cron_period_seconds(self.ingest_cron))
 
-    def ensure_dirs(self) -> "Settings":
+    def ensure_dirs(self) -> Settings:
         for d in (
             self.landing_dir,
             self.processed_dir,
@@ -328,13 +330,13 @@ class Settings(BaseSettings):
 
 def cron_period_seconds(expr: str) -> float:
     """Seconds between two consecutive fire times of a cron expression (the largest of a few gaps)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from cronsim import CronSim
 
-    it = CronSim(expr, datetime(2026, 1, 5, tzinfo=timezone.utc))
+    it = CronSim(expr, datetime(2026, 1, 5, tzinfo=UTC))
     times = [next(it) for _ in range(6)]
-    return max((b - a).total_seconds() for a, b in zip(times, times[1:]))
+    return max((b - a).total_seconds() for a, b in itertools.pairwise(times))
 
 
 def load_settings(workspace: str | Path | None = None, **overrides: Any) -> Settings:

@@ -73,7 +73,7 @@ class ReplayConfig:
     min_new_periods: float = 2.0  # storm control in data time: the drift policy waits for this many periods' data
 
 
-def replay_overrides(source: "ReplaySource", cfg: ReplayConfig) -> dict:
+def replay_overrides(source: ReplaySource, cfg: ReplayConfig) -> dict:
     """Settings for a policy workspace: the caller's overrides, plus storm control in periods of data
     (``monitor.min_new_events`` = ``min_new_periods`` x the median batch size) unless given."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.settings_overrides.items()}
@@ -259,7 +259,8 @@ class PolicyRun:
             # a'. the same batch, every baseline (fitted on the same stored history, same lag)
             if len(rows):
                 rec["baselines"] = self.baselines.get(
-                    i, lambda: baseline_aucs(self.settings, rows, history, self.source.catalog))
+                    i, lambda rows=rows, history=history: baseline_aucs(self.settings, rows, history,
+                                                                        self.source.catalog))
             # b. ingest through the production flow
             t0 = time.perf_counter()
             write_batch(batch, self.settings.landing_dir / f"{self.source.name}-{start.strftime('%Y%m%dT%H%M')}.parquet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import socket
+from datetime import UTC
 
 import pytest
 
@@ -43,7 +44,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world):
     """Start a Prefect server + served deployments, emit recloop.drift.detected, see a retrain run complete."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from flows.demo import wait_for_triggered_run
     from flows.stack import Stack
@@ -75,7 +76,7 @@ def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world
             monitor = client.read_deployment_by_name("monitor/monitor")
             assert ingest.schedules and ingest.schedules[0].schedule.cron == settings.ingest_cron
             assert monitor.schedules and monitor.schedules[0].schedule.cron == settings.monitor_cron
-        before = datetime.now(timezone.utc)
+        before = datetime.now(UTC)
         from flows.events import emit
 
         emit(settings, DRIFT_DETECTED, {"reason": "test_drift", "report_path": ""})

@@ -141,8 +141,8 @@ def test_sigterm_during_a_retrain_is_recorded_in_its_audit_line(harness, workspa
     import os
     import signal
 
-    from flows.retrain import Terminated, retrain_flow
     import flows.retrain as fr
+    from flows.retrain import Terminated, retrain_flow
     from models.pipeline import load_champion_version
 
     def killed(settings, data):

@@ -76,9 +76,8 @@ def write_movielens(world, folder):
             g[1 + abs(hash(cat)) % 18] = "1"
             fh.write("|".join([str(items[iid]), title, "01-Jan-1995", "", "http://x"] + g) + "\n")
     with open(folder / "u.user", "w") as fh:
-        for uid, gender, age in zip(world.users["user_id"], world.users["gender"], world.users["age_bucket"]):
-            fh.write(f"{users[uid]}|{ {'18-24': 20, '25-34': 30, '35-49': 40, '50+': 60}[age]}|"
-                     f"{'F' if gender == 'female' else 'M'}|writer|00000\n")
+        fh.writelines(f"{users[uid]}|{ {'18-24': 20, '25-34': 30, '35-49': 40, '50+': 60}[age]}|"
+                     f"{'F' if gender == 'female' else 'M'}|writer|00000\n" for uid, gender, age in zip(world.users["user_id"], world.users["gender"], world.users["age_bucket"]))
     return folder
 
 

@@ -82,7 +82,7 @@ def test_prune_keeps_aliases_and_the_newest_and_all_records(reg):
         with pytest.raises(registry.ModelLoadError, match="pruned by the retention policy"):
             registry.load_version(s, v)
     assert len(registry.list_versions(s)) == 5
-    model, info = registry.load_champion(s)  # champion and previous still load
+    _model, info = registry.load_champion(s)  # champion and previous still load
     assert info["version"] == v2 and registry.load_version(s, v1)[1]["version"] == v1
     again = prune_versions(s, keep_last=1)
     assert again.pruned == []  # idempotent

@@ -1,4 +1,4 @@
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -14,7 +14,7 @@ def test_label_rule():
 
 
 def test_event_label_derived_and_checked():
-    ts = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    ts = datetime(2026, 1, 1, tzinfo=UTC)
     ev = FeedbackEvent(event_id="e1", user_id="u", item_id="i", event_type="like", timestamp=ts)
     assert ev.label == 1
     with pytest.raises(ValidationError, match="contradicts"):

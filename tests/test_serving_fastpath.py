@@ -76,7 +76,7 @@ def _full_scores(model, data, user, item_ids, query=None):
 
 
 def test_recommend_scores_equal_the_full_model_over_the_whole_store(holder, settings):
-    h, view, counting, world, _ = holder
+    h, view, counting, _world, _ = holder
     data = view.data
     assert data.stats is not None and data.stats.n_events == len(data.events)
     users = data.events[data.events["label"] == 1]["user_id"].astype(str).value_counts().index[:4].tolist()
@@ -97,7 +97,7 @@ def test_recommend_scores_equal_the_full_model_over_the_whole_store(holder, sett
 
 
 def test_search_personalised_and_anonymous_use_one_context(holder, settings):
-    h, view, counting, world, _ = holder
+    h, view, counting, _world, _ = holder
     data = view.data
     user = str(data.events["user_id"].iloc[0])
     for uid in (user, None):
@@ -110,7 +110,7 @@ def test_search_personalised_and_anonymous_use_one_context(holder, settings):
 
 
 def test_cold_user_and_refresh_rebuild_the_statistics(holder, settings):
-    h, view, counting, world, store = holder
+    h, view, _counting, world, store = holder
     r = ranking.recommend(h.current, view.data, settings, "brand-new-user", 5, np.random.default_rng(0))
     assert r.cold_start and len(r.items) == 5
     old = view.data.stats
@@ -142,7 +142,7 @@ def test_models_without_the_fast_path_still_work(settings):
     h = ModelHolder(InMemoryModelSource(model, "1"), view, settings)
     h.poll_once()
     r = ranking.recommend(h.current, view.data, settings, "u1", 3, np.random.default_rng(0))
-    assert model.score_calls == 1 and [it["category"] for it in r.items][0] == "science fiction"
+    assert model.score_calls == 1 and next(it["category"] for it in r.items) == "science fiction"
 
 
 def test_server_caps_blas_threads_like_torch(settings):

@@ -92,7 +92,7 @@ def test_exploration_pool_is_new_or_rarely_shown():
 # ---- ranking ----------------------------------------------------------------------------------
 @pytest.fixture
 def holder(world):
-    settings, store, _ = world
+    settings, _store, _ = world
     view = StoreView(settings.store_dir)
     view.refresh(force=True)
     model = TextHashRecommender()
@@ -149,7 +149,7 @@ def test_search_matches_query_words(holder):
 
 
 def test_holder_swaps_versions_and_indexes_new_catalog_items(holder, world):
-    settings, store, cat = world
+    _settings, store, cat = world
     source = holder.source
     old = holder.current
     source.set("8", TextHashRecommender(bias=1.0))

@@ -59,7 +59,9 @@ def test_missing_config_file_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_unknown_setting_is_rejected(tmp_path):
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not_a_setting"):
         load_settings(tmp_path, not_a_setting=1)
 
 

@@ -96,7 +96,7 @@ def _make_catalog(cfg: SyntheticConfig, rng: np.random.Generator) -> pd.DataFram
     start = pd.Timestamp(cfg.start, tz="UTC")
     cats = list(VOCAB)
     rows = []
-    n_cold = int(round(cfg.n_items * cfg.cold_item_share))
+    n_cold = round(cfg.n_items * cfg.cold_item_share)
     for i in range(cfg.n_items):
         cat = cats[i % len(cats)]
         rows.append(_item_row(f"item-{i:05d}", cat, VOCAB[cat], rng))

@@ -40,7 +40,7 @@ def test_concurrent_appends_of_the_same_event_ids_store_each_once(tmp_path):
         try:
             go.wait(30)
             results[k] = store.append(rows, batch_id=f"w{k}").n_new
-        except Exception as exc:  # noqa: BLE001  # pragma: no cover - reported below
+        except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
@@ -64,7 +64,7 @@ def test_concurrent_ingests_of_two_files_with_the_same_events_store_each_once(dc
     def run(path):
         try:
             outs[path.name] = ingest_batch(path, dc_settings, now=NOW)
-        except Exception as exc:  # noqa: BLE001  # pragma: no cover - reported below
+        except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(p,)) for p in (a, b)]

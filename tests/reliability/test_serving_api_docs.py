@@ -23,7 +23,7 @@ _REFS = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']"""  # <script src>, <
 
 
 @pytest.fixture
-def client(world):  # noqa: F811  (fixture)
+def client(world):
     settings, _, _ = world
     source = InMemoryModelSource(TextHashRecommender(), "1")
     app = create_app(settings, model_source=source, start_background=False)
