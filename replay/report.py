@@ -50,8 +50,26 @@ def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> 
         "rejected": sum(1 for r in records if rejected(r)),
         "failed": sum(1 for r in records if failed(r)),
         "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in records if not failed(r)), 1),
+        "auc_last_20pct_events": _last_events_auc(records, 0.2),
+        "disk_mb_max": max((r["disk_mb"] for r in records if r.get("disk_mb") is not None), default=None),
         **_strongest_baseline(scored),
     }
+
+
+def _last_events_auc(records: list[dict], share: float) -> float | None:
+    """Event-weighted mean batch AUC over the batches that hold the newest ``share`` of the log's events
+    (a batch without a champion counts as AUC 0.5: nothing better than chance was served)."""
+    sizes = [int(r.get("n_rows") or 0) for r in records]
+    total = sum(sizes)
+    if not total:
+        return None
+    need, got, num = share * total, 0, 0.0
+    for r, n in zip(reversed(records), reversed(sizes)):
+        if got >= need:
+            break
+        num += n * (r["auc"] if r.get("auc") is not None else 0.5)
+        got += n
+    return num / got if got else None
 
 
 def _strongest_baseline(scored: list[dict]) -> dict:
@@ -92,10 +110,12 @@ def _cell(v) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "worst_batch_auc", "mean_ndcg_at_10",
-            "retrains", "promotions", "rejected", "failed", "train_seconds", "best_baseline", "best_baseline_auc"]
-    head = ["policy", "mean AUC", "mean AUC after drift", "AUC last third", "worst batch AUC", "mean NDCG@10",
-            "retrains", "promotions", "rejected", "failed", "train s", "best baseline", "its AUC, same batches"]
+    cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "auc_last_20pct_events", "worst_batch_auc",
+            "mean_ndcg_at_10", "retrains", "promotions", "rejected", "failed", "train_seconds", "disk_mb_max",
+            "best_baseline", "best_baseline_auc"]
+    head = ["policy", "mean AUC", "mean AUC after drift", "AUC last third", "AUC newest 20 % of events",
+            "worst batch AUC", "mean NDCG@10", "retrains", "promotions", "rejected", "failed", "train s",
+            "disk MB (max)", "best baseline", "its AUC, same batches"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in cols) + " |")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.retention import disk_usage
 from recloop.store import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,7 @@ class PolicyRun:
             go, reason = should_retrain(self.policy, i + 1, self.cfg, monitor)
             if go:
                 rec.update(_retrain(self.settings, reason))
+            rec["disk_mb"] = round(disk_usage(self.root) / 1e6, 1)  # the policy's workspace, hard links once
             self.records.append(rec)
             self._save_progress()
             if progress is not None:

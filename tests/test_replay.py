@@ -170,3 +170,15 @@ def test_plot_names_its_markers_in_a_legend_clear_of_the_title_over_dates():
                                                         "2026-01-09"]
     finally:
         plt.close(fig)
+
+
+def test_summary_weighs_the_newest_events_and_reports_disk():
+    """AUC over the newest 20 % of events is event-weighted; a batch served by no champion counts as 0.5."""
+    from replay.report import summarize
+
+    recs = [{"batch": k, "batch_start": f"2026-01-0{k + 1}", "n_rows": n, "auc": a, "disk_mb": d}
+            for k, (n, a, d) in enumerate([(800, 0.9, 10.0), (100, 0.7, 30.0), (100, None, 20.0)])]
+    out = summarize("periodic", recs)
+    assert out["auc_last_20pct_events"] == (100 * 0.5 + 100 * 0.7) / 200
+    assert out["disk_mb_max"] == 30.0
+    assert summarize("never", [])["auc_last_20pct_events"] is None
