@@ -66,6 +66,7 @@ def test_no_drift_same_generator_does_not_retrain(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.nightly
 def test_false_positive_rate_over_20_seeds(tmp_path):
     fired = _false_positives(tmp_path, seeds=range(200, 220))
     assert len(fired) / 20 <= 0.05, f"false-positive rate {len(fired)}/20 (seeds {fired})"

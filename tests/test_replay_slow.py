@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+pytestmark = [pytest.mark.slow, pytest.mark.nightly, pytest.mark.filterwarnings("ignore"), pytest.mark.timeout(1800)]
 
 
 def test_drift_policy_beats_never_after_the_drift_with_fewer_retrains_than_periodic(tmp_path, monkeypatch):
