@@ -187,7 +187,8 @@ def serve(workdir: Path, port: int) -> None:
         data = app.state.view.data
         catalog = data.catalog.reset_index()
         pairs = pd.DataFrame({"user_id": user_id, "item_id": catalog["item_id"].astype(str)})
-        scores = cur.model.score(pairs, data.events, catalog)
+        history = app.state.view.store.read()  # the whole store (the view keeps only recent events per user)
+        scores = cur.model.score(pairs, history, catalog)
         top = np.argsort(-scores)[:k]
         return {"items": [{"item_id": str(pairs["item_id"].iloc[j]), "score": float(scores[j])} for j in top],
                 "model_version": cur.version}

@@ -19,6 +19,7 @@ QUICK = [
     ("drift", ["benchmarks/bench_drift.py", "--events", "20000", "--runs", "1"]),
     ("train", ["-m", "benchmarks.bench_train", "--preset", "small"]),
     ("serving", ["benchmarks/bench_serving.py", "--items", "2000", "--events", "5000", "--requests", "50"]),
+    ("memory", ["benchmarks/bench_memory.py", "--quick"]),
 ]
 REAL = ("real data (MovieLens-100k)", ["benchmarks/bench_real.py"])
 

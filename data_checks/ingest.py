@@ -249,7 +249,9 @@ def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str
                                            bad_share=1.0, reasons=[f"read: {exc.reason}"],
                                            reason_counts={"read": 1})
         else:
-            v = prepare_feedback_frame(df, store.event_ids(), store.catalog()["item_id"].astype(str).to_numpy())
+            v = prepare_feedback_frame(df, store.stored_among(df["event_id"]),
+                                       store.catalog()["item_id"].astype(str).to_numpy())
+            del df  # the read frame: ``v`` holds its columns now; keeping both would double the batch's memory
             validation = validate_frame(v, settings, now=now, run_name=batch_id,
                                         store_newest=newest_stored_timestamp(store))
         bad = np.flatnonzero(~validation.good_mask) if validation.decision == "split" else np.array([], int)

@@ -38,9 +38,9 @@ from monitoring.features import (
     PREDICTION,
     TARGET,
     build_feature_frame,
-    build_profile,
+    build_profile_from_window,
 )
-from monitoring.windows import ChampionInfo, read_window, resolve_windows, sample_rows, to_utc
+from monitoring.windows import ChampionInfo, count_window, load_window, resolve_windows, to_utc
 
 Scorer = Callable[[pd.DataFrame], np.ndarray]
 TRIGGER_ORDER = ("no_champion", "performance_decay", "data_drift", "target_drift", "prediction_drift")
@@ -184,23 +184,29 @@ def detect_drift(settings, store, champion: ChampionInfo | None = None, scorer: 
         out.triggers = ["no_champion"]
         return _finish(settings, store, out, n_total, n_new_fallback=n_total, clock=clock, record=record, t0=t0)
 
-    ref = read_window(store, windows.reference_start, windows.reference_end)
-    cur = read_window(store, windows.current_start, windows.current_end)
-    out.n_reference, out.n_current = len(ref), len(cur)
-    if len(ref) < cfg.min_window_events or len(cur) < cfg.min_window_events:
+    # counts first (one column), then one window at a time as Arrow columns with pushdown: only the
+    # samples (and the profile's three columns) become pandas rows, and only one window is held at once
+    n_ref = count_window(store, windows.reference_start, windows.reference_end)
+    n_cur = count_window(store, windows.current_start, windows.current_end)
+    out.n_reference, out.n_current = n_ref, n_cur
+    if n_ref < cfg.min_window_events or n_cur < cfg.min_window_events:
         out.status = "too_little_data"
-        out.notes.append(f"reference has {len(ref)} and current {len(cur)} events; need {cfg.min_window_events} "
+        out.notes.append(f"reference has {n_ref} and current {n_cur} events; need {cfg.min_window_events} "
                          "in each for a drift verdict (monitor.min_window_events)")
-        return _finish(settings, store, out, n_total, n_new_fallback=len(cur), clock=clock, record=record, t0=t0)
+        return _finish(settings, store, out, n_total, n_new_fallback=n_cur, clock=clock, record=record, t0=t0)
 
     catalog = store.catalog()
-    profile = build_profile(ref, catalog)
-    like_ref, like_cur = float(ref["label"].mean()), float(cur["label"].mean())
-    ref_s = sample_rows(ref, cfg.sample_size, cfg.seed)
-    cur_s = sample_rows(cur, cfg.sample_size, cfg.seed + 1)
+    ref = load_window(store, windows.reference_start, windows.reference_end)
+    profile = build_profile_from_window(ref, catalog)
+    like_ref = ref.like_rate()
+    ref_s = ref.sample(cfg.sample_size, cfg.seed)
+    del ref
+    cur = load_window(store, windows.current_start, windows.current_end)
+    like_cur = cur.like_rate()
+    cur_s = cur.sample(cfg.sample_size, cfg.seed + 1)
+    del cur
     out.n_reference_sampled, out.n_current_sampled = len(ref_s), len(cur_s)
-    out.sampled = len(ref_s) < len(ref) or len(cur_s) < len(cur)
-    del ref, cur
+    out.sampled = len(ref_s) < n_ref or len(cur_s) < n_cur
     ref_f = build_feature_frame(ref_s, catalog, profile, reference=True)
     cur_f = build_feature_frame(cur_s, catalog, profile)
 

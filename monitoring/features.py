@@ -42,6 +42,7 @@ TARGET = "label"
 PREDICTION = "score"
 PROFILE_FRACTION = 0.5
 PROFILED = ["item_popularity", "user_activity", "text_novelty"]
+PROFILE_COLUMNS = ["item_id", "user_id", "query"]  # what the profile reads of the early reference rows
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 
@@ -73,13 +74,52 @@ def _buckets(counts: pd.Series, names: tuple[str, str, str]) -> dict[str, str]:
 
 def build_profile(reference: pd.DataFrame, catalog: pd.DataFrame) -> ReferenceProfile:
     """Buckets and vocabulary from the early part of the reference window (counts, distinct texts)."""
-    vocab: set[str] = set()
     cut = None
     early = reference.iloc[0:0]
     if len(reference):
         t0, t1 = reference["timestamp"].min(), reference["timestamp"].max()
         cut = t0 + (t1 - t0) * PROFILE_FRACTION
         early = reference[reference["timestamp"] <= cut]
+    return _profile(early, cut, catalog)
+
+
+def build_profile_from_window(window, catalog: pd.DataFrame) -> ReferenceProfile:
+    """:func:`build_profile` of a ``monitoring.windows.EventWindow``: the same profile, counted on the
+    early half's Arrow columns (``item_id``, ``user_id``, ``query``) without a pandas row per event."""
+    import pyarrow.compute as pc
+
+    t0, t1 = window.time_bounds()
+    if t0 is None:
+        return _profile(pd.DataFrame({c: pd.Series([], dtype="string") for c in PROFILE_COLUMNS}), None, catalog)
+    cut = t0 + (t1 - t0) * PROFILE_FRACTION
+    early = window.table_until(cut, PROFILE_COLUMNS)
+    vocab: set[str] = set()
+    texts = _item_texts(catalog)
+    for iid in pc.unique(early.column("item_id")).drop_null().to_pylist():
+        vocab.update(tokenize(texts.get(iid)))
+    for q in pc.unique(early.column("query")).drop_null().to_pylist():
+        vocab.update(tokenize(q))
+    items = _buckets(_value_counts(early.column("item_id")), ("head", "torso", "tail"))
+    users = _buckets(_value_counts(early.column("user_id")), ("heavy", "regular", "light"))
+    return ReferenceProfile(items, users, frozenset(vocab), cut, early.num_rows)
+
+
+def _value_counts(column) -> pd.Series:
+    """``Series.value_counts()`` of an Arrow string column (keys in order of first appearance, then the
+    same sort), without a Python object per row."""
+    import pyarrow.compute as pc
+
+    enc = pc.dictionary_encode(column.combine_chunks() if hasattr(column, "combine_chunks") else column)
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    codes = codes[~np.isnan(codes)].astype(np.int64) if codes.dtype.kind == "f" else codes.astype(np.int64)
+    counts = np.bincount(codes, minlength=len(enc.dictionary)).astype(np.int64)
+    keys = pd.Index(enc.dictionary.to_pylist(), dtype=object)
+    return pd.Series(counts, index=keys)[counts > 0].sort_values(ascending=False)
+
+
+def _profile(early: pd.DataFrame, cut, catalog: pd.DataFrame) -> ReferenceProfile:
+    vocab: set[str] = set()
+    if cut is not None:
         texts = _item_texts(catalog)
         for iid in early["item_id"].dropna().unique():
             vocab.update(tokenize(texts.get(iid)))

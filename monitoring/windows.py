@@ -6,6 +6,13 @@
 * **current** = what arrived since: ``[max(train_end, end - current_days), end)``, where ``end`` is
   ``now`` if given, else just after the newest stored event (data time, so a replayed or
   back-filled stream is judged on its own clock).
+
+Memory: a window is read as Arrow columns (:func:`load_window`, with the store's partition, column
+and row-group pushdown) and only what the check needs becomes pandas rows: the seeded sample
+(:meth:`EventWindow.sample`, the same rows :func:`sample_rows` would pick from the whole window); the
+reference profile is counted on Arrow columns (``monitoring.features.build_profile_from_window``). The
+counts come first (:func:`count_window`, one column) and one window is held at a time, so a check costs
+one window's compact Arrow columns plus its samples, not millions of Python strings.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 EVENT_COLUMNS = ["event_id", "user_id", "item_id", "label", "timestamp", "query"]
 
@@ -93,10 +102,102 @@ def resolve_windows(settings, store, champion: ChampionInfo | None, now=None) ->
     return Windows(champion.train_start, champion.train_end, start, end)
 
 
-def read_window(store, start, end) -> pd.DataFrame:
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    """The one place a window's Arrow rows become a pandas frame (tests count what passes here)."""
+    df = table.to_pandas()
+    if "timestamp" in df.columns:
+        df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True)
+    return df
+
+
+def _empty_table(columns: list[str]) -> pa.Table:
+    from recloop.schema import normalize_feedback
+
+    empty = normalize_feedback(pd.DataFrame({"event_id": pd.Series([], dtype="string")}))[columns]
+    return pa.Table.from_pandas(empty, preserve_index=False)
+
+
+@dataclass(frozen=True)
+class EventWindow:
+    """A window's events as Arrow columns plus their time order; rows become pandas only on request."""
+
+    table: pa.Table  # EVENT_COLUMNS, file order
+    order: np.ndarray  # int64 row positions in (timestamp, event_id) order
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def _times(self) -> np.ndarray:
+        """int64 UTC nanoseconds in time order."""
+        ts = self.table.column("timestamp")
+        if ts.type != pa.timestamp("ns", tz="UTC"):
+            ts = pc.cast(ts, pa.timestamp("ns", tz="UTC"))
+        return ts.to_numpy().view("int64")[self.order] if len(self) else np.empty(0, dtype=np.int64)
+
+    def time_bounds(self) -> tuple[pd.Timestamp, pd.Timestamp] | tuple[None, None]:
+        t = self._times()
+        if not len(t):
+            return None, None
+        return pd.Timestamp(int(t[0]), tz="UTC"), pd.Timestamp(int(t[-1]), tz="UTC")
+
+    def like_rate(self) -> float:
+        """Mean label (NaN for an empty window), as ``frame["label"].mean()``."""
+        if not len(self):
+            return float("nan")
+        return float(pc.sum(self.table.column("label")).as_py()) / len(self)
+
+    def rows(self, positions: np.ndarray, columns: list[str] | None = None) -> pd.DataFrame:
+        """The rows at ``positions`` of the time order (sorted positions keep time order) as pandas."""
+        cols = columns or EVENT_COLUMNS
+        take = self.order[np.asarray(positions, dtype=np.int64)]
+        df = _to_pandas(self.table.select(cols).take(pa.array(take, type=pa.int64())))
+        return df.reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The whole window in time order (what ``store.read(start, end, EVENT_COLUMNS)`` returns)."""
+        return self.rows(np.arange(len(self)))
+
+    def sample(self, n: int, seed: int) -> pd.DataFrame:
+        """``sample_rows(self.to_frame(), n, seed)`` without materialising the rows it leaves out."""
+        if n <= 0:
+            raise ValueError(f"sample size must be positive, got {n}")
+        if len(self) <= n:
+            return self.to_frame()
+        rng = np.random.default_rng(seed)
+        return self.rows(np.sort(rng.choice(len(self), size=n, replace=False)))
+
+    def table_until(self, cut: pd.Timestamp, columns: list[str]) -> pa.Table:
+        """``columns`` of the rows with ``timestamp <= cut``, in time order, as Arrow (no pandas rows)."""
+        k = int(np.searchsorted(self._times(), pd.Timestamp(cut).value, side="right"))
+        return self.table.select(columns).take(pa.array(self.order[:k], type=pa.int64()))
+
+
+def load_window(store, start, end) -> EventWindow:
+    """The events ``start <= timestamp < end`` as an :class:`EventWindow` (Arrow, pushdown read)."""
     if start is None or end is None or start >= end:
-        return store.read(columns=EVENT_COLUMNS).iloc[0:0]
-    return store.read(start, end, columns=EVENT_COLUMNS)
+        table = _empty_table(EVENT_COLUMNS)
+    else:
+        table = store.read_table(start, end, columns=EVENT_COLUMNS)
+        if table.num_rows == 0:
+            table = _empty_table(EVENT_COLUMNS)
+    if table.num_rows:
+        order = pc.sort_indices(table, sort_keys=[("timestamp", "ascending"), ("event_id", "ascending")])
+        order = order.to_numpy().astype(np.int64, copy=False)
+    else:
+        order = np.empty(0, dtype=np.int64)
+    return EventWindow(table, order)
+
+
+def count_window(store, start, end) -> int:
+    """Events ``start <= timestamp < end``: the ``timestamp`` column only, one part at a time."""
+    if start is None or end is None or start >= end:
+        return 0
+    return sum(t.num_rows for t in store.scan(start, end, columns=["timestamp"]))
+
+
+def read_window(store, start, end) -> pd.DataFrame:
+    """The whole window as a pandas frame, time-ordered (prefer :func:`load_window` + ``.sample``)."""
+    return load_window(store, start, end).to_frame()
 
 
 def sample_rows(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:

@@ -71,7 +71,8 @@ class HealthOut(BaseModel):
     status: str = Field(description="ready | degraded (a fallback version serves) | no_model")
     model_version: str | None
     items_indexed: int
-    events_cached: int
+    events_cached: int = Field(description="recent events kept per user (the view is bounded)")
+    events_counted: int = Field(description="every stored event the statistics count")
     degraded_reason: str | None = Field(description="why the champion is not the version served")
     last_error: str | None
 

@@ -68,36 +68,37 @@ def holder(settings, tiny):
     return h, view, counting, world, store
 
 
-def _full_scores(model, data, user, item_ids, query=None):
+def _full_scores(model, data, store, user, item_ids, query=None):
     pairs = pd.DataFrame({"user_id": user, "item_id": item_ids})
     if query:
         pairs["query"] = query
-    return model.score(pairs, data.events, data.catalog.reset_index())
+    return model.score(pairs, store.read(), data.catalog.reset_index())
 
 
 def test_recommend_scores_equal_the_full_model_over_the_whole_store(holder, settings):
-    h, view, counting, _world, _ = holder
+    h, view, counting, _world, store = holder
     data = view.data
-    assert data.stats is not None and data.stats.n_events == len(data.events)
-    users = data.events[data.events["label"] == 1]["user_id"].astype(str).value_counts().index[:4].tolist()
+    everything = store.read()
+    assert data.stats is not None and data.stats.n_events == len(everything)
+    users = everything[everything["label"] == 1]["user_id"].astype(str).value_counts().index[:4].tolist()
     for user in users:
         counting.calls.clear()
         r = ranking.recommend(h.current, data, settings, user, 8, np.random.default_rng(0))
         assert counting.calls == ["user_context", "score_items"]  # one user vector, reused; no pandas path
         assert not r.cold_start and len(r.items) == 8
         ids = [it["item_id"] for it in r.items]
-        want = _full_scores(counting._m, data, user, ids)
+        want = _full_scores(counting._m, data, store, user, ids)
         np.testing.assert_allclose([it["score"] for it in r.items], want, rtol=0, atol=2e-6)
-        liked = set(data.user_history(user).query("label == 1")["item_id"].astype(str))
+        liked = set(everything.query("user_id == @user and label == 1")["item_id"].astype(str))
         assert not liked & set(ids)  # already-liked items are still excluded
         # retrieval used the user-tower vector of the full model
         ctx = counting._m.user_context(data.stats, user)
-        np.testing.assert_allclose(ctx.vector, counting._m.user_vectors([user], data.events,
+        np.testing.assert_allclose(ctx.vector, counting._m.user_vectors([user], everything,
                                                                          data.catalog.reset_index())[0], atol=2e-6)
 
 
 def test_search_personalised_and_anonymous_use_one_context(holder, settings):
-    h, view, counting, _world, _ = holder
+    h, view, counting, _world, store = holder
     data = view.data
     user = str(data.events["user_id"].iloc[0])
     for uid in (user, None):
@@ -105,7 +106,7 @@ def test_search_personalised_and_anonymous_use_one_context(holder, settings):
         r = ranking.search(h.current, data, settings, "galaxy starship", uid, 5, np.random.default_rng(0))
         assert counting.calls == ["user_context", "score_items"]
         ids = [it["item_id"] for it in r.items]
-        want = _full_scores(counting._m, data, uid or ranking.ANONYMOUS, ids, "galaxy starship")
+        want = _full_scores(counting._m, data, store, uid or ranking.ANONYMOUS, ids, "galaxy starship")
         np.testing.assert_allclose([it["score"] for it in r.items], want, rtol=0, atol=2e-6)
 
 
