@@ -125,10 +125,6 @@ def collect_blobs(settings) -> int:
     return freed
 
 
-def _model_location(c, name: str, version: str) -> str:
-    return c.get_model_version_download_uri(name, version)
-
-
 def _local_path(uri: str) -> Path | None:
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
@@ -166,7 +162,7 @@ def prune_versions(settings, keep_last: int | None = None) -> PruneReport:
             if PRUNED_TAG in tags:
                 continue
             try:
-                uri = _model_location(c, name, v)
+                uri = c.get_model_version_download_uri(name, v)
                 local = _local_path(uri)
                 size = disk_usage(local) if local is not None else 0
                 get_artifact_repository(uri).delete_artifacts()

@@ -57,7 +57,7 @@ import pandas as pd
 from filelock import FileLock
 
 from recloop.schema import FEEDBACK_COLUMNS, normalize_feedback
-from recloop.store import atomic_write_bytes
+from recloop.store import atomic_write_bytes, fsync_dir
 from serving.schemas import is_valid_id
 
 try:
@@ -70,20 +70,6 @@ log = logging.getLogger(__name__)
 
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename / create / unlink in ``path`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _try_flock(fh) -> bool:
@@ -208,9 +194,9 @@ def land_spool(spool: Path, landing_dir: Path) -> Path | None:
         df.to_parquet(buf, index=False)
         target = landing_dir / (spool.stem + ".parquet")
         atomic_write_bytes(target, buf.getvalue())
-        _fsync_dir(landing_dir)
+        fsync_dir(landing_dir)
     spool.unlink()
-    _fsync_dir(spool.parent)
+    fsync_dir(spool.parent)
     return target
 
 
@@ -313,7 +299,7 @@ class FeedbackWriter:
         path = self.spool_dir / f"{self.source}-{_stamp()}-{uuid.uuid4().hex[:8]}.jsonl"
         fh = open(path, "xb")  # noqa: SIM115 - held open (and flock'ed) until the batch lands
         _try_flock(fh)
-        _fsync_dir(self.spool_dir)
+        fsync_dir(self.spool_dir)
         self._open = _OpenBatch(path, fh)
         return self._open
 
