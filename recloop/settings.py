@@ -186,6 +186,30 @@ class ServingSettings(BaseModel):
     insecure: bool = False  # serve on a non-loopback host without a token (refused unless set)
 
 
+class ServicesSettings(BaseModel):
+    """The services backend (docs/readme/scale_out.md). All unset = the embedded default (files + SQLite).
+
+    Secrets come from the environment (``RECLOOP_SERVICES__S3_SECRET_KEY``, a password inside
+    ``RECLOOP_SERVICES__DATABASE_URL``), never from a committed file.
+    """
+
+    # PostgreSQL (``postgresql://user:password@host:port/db``): storm control, the promotion
+    # compare-and-set, the accepted-id log and the quarantine registry live there when set
+    database_url: str | None = None
+    # S3-compatible object storage: when ``s3_bucket`` is set, landing/ and quarantine/ become prefixes
+    # under ``s3://<s3_bucket>/<s3_prefix>/`` and the Iceberg warehouse lives there too
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO); None = AWS
+    s3_bucket: str | None = None
+    s3_prefix: str = "recloop"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
+    store: Literal["files", "iceberg"] = "files"  # the feedback store's backend
+    iceberg_catalog_url: str | None = None  # SQLAlchemy URL of Iceberg's SQL catalog; None = database_url
+    engine: Literal["pandas", "ray"] = "pandas"  # heavy data work: plain pandas, or Ray (a cluster)
+    ray_address: str | None = None  # None = start a local Ray instance when engine = "ray"
+
+
 def _toml_path(workspace: Path) -> Path | None:
     explicit = os.environ.get("RECLOOP_CONFIG")
     if explicit:
@@ -239,6 +263,7 @@ class Settings(BaseSettings):
     gates: GateSettings = Field(default_factory=GateSettings)
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    services: ServicesSettings = Field(default_factory=ServicesSettings)
 
     @classmethod
     def settings_customise_sources(
