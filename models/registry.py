@@ -12,14 +12,15 @@ Every judgement is stored on the version: tag ``gate_decision`` (pending | promo
 rejected | failed | rolled_back), ``gate_<rule>`` per rule, ``gate_reasons`` (``gate_error``
 when failed); and on its run as ``gate_report.md`` / ``gate_decision.json``. A decision is
 bound to the versions it judged: :func:`promote` needs ``decision.candidate_version`` to be
-the version promoted, and, under a file lock (``<workspace>/state/promotion.lock``), does a
+the version promoted, and, under the promotion lock (:func:`_lock`), does a
 compare-and-set on the champion alias: ``decision.champion_version`` must still be the
 champion, otherwise the candidate is rejected with reason ``champion_changed``. A promotion
 or rejection that fails part-way restores the aliases and marks the version ``failed``
 (:func:`mark_failed`): no version is left ``pending`` with ``challenger`` by an error.
 Registration is idempotent within a Prefect flow run (tag ``registration_key``).
-That makes "two retrains finish at once" safe for every process sharing the workspace
-(for several machines, point ``state_dir`` at shared storage or use one promoter).
+That makes "two retrains finish at once" safe for every process sharing the workspace; with
+``services.database_url`` set the lock is a PostgreSQL advisory lock instead, so promoters on
+machines that share no disk (only the database and the MLflow registry) are ordered too.
 """
 
 from __future__ import annotations
@@ -132,6 +133,17 @@ def champion_version(settings) -> str | None:
 
 
 def _lock(settings, timeout: float = 120.0):
+    """The promotion lock around every alias compare-and-set (``promote``, ``rollback``).
+
+    Embedded: a file lock ``<workspace>/state/promotion.lock`` (processes sharing the workspace).
+    With ``services.database_url`` set: the PostgreSQL advisory lock ``promotion:<model_name>``, so
+    promoters on different machines are ordered by the database (released by the server if the
+    holder dies). Both raise a ``TimeoutError`` (``filelock.Timeout`` is one) after ``timeout``.
+    """
+    from recloop import pgstate
+
+    if pgstate.enabled(settings):
+        return pgstate.advisory_lock(settings, f"promotion:{settings.model_name}", timeout=timeout)
     from filelock import FileLock
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,11 @@ State lives in ``<state_dir>/monitor_state.json`` (atomic writes under a file lo
 
 Every suppression is appended to ``<state_dir>/monitor_suppressions.jsonl`` with its reasons.
 The retrain flow calls :func:`mark_retrain_started` and :func:`mark_retrain_finished`.
+
+With ``services.database_url`` set (:mod:`recloop.pgstate`), the state is a row of
+``recloop_storm_state`` (one per ``model_name``), changed in a transaction under
+``SELECT ... FOR UPDATE``, and suppressions are rows of ``recloop_storm_suppressions``: monitors
+and retrains on different machines share it without a shared disk.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from recloop import pgstate
 from recloop.store import atomic_write_json
 
 STATE_FILE = "monitor_state.json"
@@ -68,7 +74,14 @@ def _paths(settings) -> tuple[Path, Path, FileLock]:
     return d / STATE_FILE, d / SUPPRESSION_LOG, FileLock(str(d / (STATE_FILE + ".lock")))
 
 
+def _from_doc(doc: dict) -> StormState:
+    known = set(StormState.__dataclass_fields__)
+    return StormState(**{k: v for k, v in doc.items() if k in known})
+
+
 def load_state(settings) -> StormState:
+    if pgstate.enabled(settings):
+        return _pg_load(settings)
     path, _, _ = _paths(settings)
     if not path.exists():
         return StormState()
@@ -76,11 +89,12 @@ def load_state(settings) -> StormState:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"monitor state {path} is not valid JSON ({exc}); fix or delete it") from exc
-    known = set(StormState.__dataclass_fields__)
-    return StormState(**{k: v for k, v in doc.items() if k in known})
+    return _from_doc(doc)
 
 
 def _update(settings, change) -> StormState:
+    if pgstate.enabled(settings):
+        return _pg_update(settings, change)
     path, _, lock = _paths(settings)
     with lock:
         state = load_state(settings)
@@ -88,6 +102,29 @@ def _update(settings, change) -> StormState:
         state.history = state.history[-20:]
         atomic_write_json(state.to_dict(), path)
         return state
+
+
+# ---- PostgreSQL (services.database_url): one row per model name --------------------------------------
+def _pg_load(settings) -> StormState:
+    with pgstate.connect(settings) as conn:
+        row = conn.execute("SELECT state FROM recloop_storm_state WHERE scope = %s",
+                           (settings.model_name,)).fetchone()
+    return StormState() if row is None else _from_doc(row[0])
+
+
+def _pg_update(settings, change) -> StormState:
+    """Read-modify-write in one transaction: the row lock makes concurrent updates queue, none is lost."""
+    scope = settings.model_name
+    with pgstate.connect(settings) as conn:
+        conn.execute("INSERT INTO recloop_storm_state (scope, state) VALUES (%s, %s) ON CONFLICT (scope) DO NOTHING",
+                     (scope, pgstate.jsonb(StormState().to_dict())))
+        doc = conn.execute("SELECT state FROM recloop_storm_state WHERE scope = %s FOR UPDATE", (scope,)).fetchone()[0]
+        state = _from_doc(doc)
+        change(state)
+        state.history = state.history[-20:]
+        conn.execute("UPDATE recloop_storm_state SET state = %s, updated_at = now() WHERE scope = %s",
+                     (pgstate.jsonb(state.to_dict()), scope))
+    return state
 
 
 def _store_count(settings) -> int:
@@ -181,9 +218,16 @@ def check_storm(settings, state: StormState, n_events_total: int, n_new_fallback
 
 
 def record_suppression(settings, entry: dict) -> None:
-    """Append one suppression (JSON line) to the log; fsync'd so a crash keeps it."""
+    """Append one suppression (JSON line) to the log; fsync'd so a crash keeps it (a committed row
+    with PostgreSQL)."""
+    doc = {"at": datetime.now(UTC).isoformat(), **entry}
+    if pgstate.enabled(settings):
+        with pgstate.connect(settings) as conn:
+            conn.execute("INSERT INTO recloop_storm_suppressions (scope, entry) VALUES (%s, %s)",
+                         (settings.model_name, pgstate.jsonb(doc)))
+        return
     _, log, lock = _paths(settings)
-    line = json.dumps({"at": datetime.now(UTC).isoformat(), **entry}, default=str)
+    line = json.dumps(doc, default=str)
     with lock, log.open("a", encoding="utf-8") as fh:
         fh.write(line + "\n")
         fh.flush()
@@ -191,6 +235,11 @@ def record_suppression(settings, entry: dict) -> None:
 
 
 def suppressions(settings) -> list[dict]:
+    if pgstate.enabled(settings):
+        with pgstate.connect(settings) as conn:
+            rows = conn.execute("SELECT entry FROM recloop_storm_suppressions WHERE scope = %s ORDER BY id",
+                                (settings.model_name,)).fetchall()
+        return [r[0] for r in rows]
     _, log, _ = _paths(settings)
     if not log.exists():
         return []

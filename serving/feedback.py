@@ -25,6 +25,13 @@ concurrent duplicate posts store the event once. The old newline-delimited log
 imported (a line injected through a newline cannot be told from a real id, and an unverified id
 that is posted again lands again, which the store absorbs), then it is renamed ``*.migrated``.
 
+**Services backend** (``FeedbackWriter(..., settings=)`` / :meth:`FeedbackWriter.from_settings`): with
+``services.database_url`` the ids live in PostgreSQL (``recloop_accepted_ids``; claimed with
+``INSERT ... ON CONFLICT DO NOTHING RETURNING`` in a transaction that commits after the fsynced
+append), so replicas on different machines accept each id exactly once. With ``services.s3_bucket``
+each landed file is uploaded to the object store's ``landing/`` prefix; the local copy is deleted
+only after the upload succeeded, and a failed upload is retried by the flush thread and at restart.
+
 **Impressions** (every ``/recommend`` and ``/search`` answer) go to a separate log,
 ``<workspace>/impressions/impressions-<time>-<id>.jsonl``: one row per shown item with
 ``impression_id``, ``timestamp``, ``endpoint``, ``user_id``, ``query``, ``item_id``,
@@ -91,10 +98,19 @@ class FeedbackResult:
 
 
 class AcceptedIds:
-    """The event ids accepted so far: SQLite, one primary-key row per id, shared by processes."""
+    """The event ids accepted so far: SQLite, one primary-key row per id, shared by processes.
+
+    :meth:`reserve` / :meth:`commit` / :meth:`abort` are the writer's protocol (the same for
+    :class:`PgAcceptedIds`): reserve the ids that are new, append their events, then commit. Here
+    the writer's file lock makes the check and the record atomic for processes on one workspace.
+    """
+
+    truncate_on_failed_commit = True  # a failed commit was rolled back: the ids are not recorded
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.label = self.path.name
+        self._reserved: list[str] = []
         self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -120,6 +136,20 @@ class AcceptedIds:
             self._db.execute("ROLLBACK")
             raise
 
+    def reserve(self, ids: list[str]) -> set[str]:
+        """The ids among ``ids`` not accepted before (recorded by :meth:`commit`)."""
+        known = self.known(ids)
+        self._reserved = [i for i in ids if i not in known]
+        return set(self._reserved)
+
+    def commit(self) -> None:
+        reserved, self._reserved = self._reserved, []
+        if reserved:
+            self.add(reserved)
+
+    def abort(self) -> None:
+        self._reserved = []
+
     def __contains__(self, event_id: str) -> bool:
         return bool(self.known([event_id]))
 
@@ -128,6 +158,84 @@ class AcceptedIds:
 
     def close(self) -> None:
         self._db.close()
+
+
+class PgAcceptedIds:
+    """The accepted-id log in PostgreSQL (``services.database_url``), shared by serving replicas.
+
+    :meth:`reserve` opens a transaction and runs ``INSERT ... ON CONFLICT DO NOTHING RETURNING``:
+    the returned ids are new *for this replica*; a replica posting the same id at the same time
+    waits on the uncommitted row and then gets nothing back (or the id, if this one aborts). The
+    writer appends the events, then :meth:`commit`. When a commit fails the outcome is unknown (the
+    server may have committed): the writer keeps the appended events, since a batch landed twice is
+    absorbed by the store's ``event_id`` idempotency, while an id recorded without its event is lost.
+    """
+
+    truncate_on_failed_commit = False
+
+    def __init__(self, settings):
+        from recloop import pgstate
+
+        self._settings = settings
+        self.label = "PostgreSQL table recloop_accepted_ids"
+        pgstate.ensure_schema(settings)
+        self._conn = None  # reserve .. commit/abort (the writer's lock serialises them)
+        self._read = None  # reads, autocommit: a read from another thread never ends a reservation
+
+    def _connection(self, *, read: bool = False):
+        from recloop import pgstate
+
+        conn = self._read if read else self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            conn = pgstate.open_connection(self._settings, autocommit=read)
+            if read:
+                self._read = conn
+            else:
+                self._conn = conn
+        return conn
+
+    def known(self, ids: list[str]) -> set[str]:
+        rows = self._connection(read=True).execute(
+            "SELECT event_id FROM recloop_accepted_ids WHERE event_id = ANY(%s)", (list(ids),)).fetchall()
+        return {r[0] for r in rows}
+
+    def add(self, ids) -> None:
+        self.reserve(list(ids))
+        self.commit()
+
+    def reserve(self, ids: list[str]) -> set[str]:
+        conn = self._connection()
+        try:
+            rows = conn.execute(
+                "INSERT INTO recloop_accepted_ids (event_id) SELECT unnest(%s::text[]) "
+                "ON CONFLICT (event_id) DO NOTHING RETURNING event_id", (list(ids),)).fetchall()
+        except BaseException:
+            self.abort()
+            raise
+        return {r[0] for r in rows}
+
+    def commit(self) -> None:
+        self._connection().commit()
+
+    def abort(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            try:
+                self._conn.rollback()
+            except Exception:  # a broken connection: the server rolled back with it
+                self._conn.close()
+
+    def __contains__(self, event_id: str) -> bool:
+        return bool(self.known([event_id]))
+
+    def count(self) -> int:
+        return int(self._connection(read=True).execute("SELECT COUNT(*) FROM recloop_accepted_ids").fetchone()[0])
+
+    def close(self) -> None:
+        for conn in (self._conn, self._read):
+            if conn is not None:
+                conn.close()
 
 
 class _OpenBatch:
@@ -174,7 +282,9 @@ def _jsonable(row: dict) -> dict:
 
 
 def land_spool(spool: Path, landing_dir: Path) -> Path | None:
-    """Convert one spool file into ``landing/<stem>.parquet`` (atomic, fsynced), then remove it."""
+    """Convert one spool file into ``landing/<stem>.parquet`` (atomic, fsynced), then remove it.
+
+    (With an object store the writer then uploads that file to the ``landing/`` prefix.)"""
     rows, torn = [], 0
     for line in spool.read_bytes().split(b"\n"):
         if not line.strip():
@@ -200,15 +310,44 @@ def land_spool(spool: Path, landing_dir: Path) -> Path | None:
     return target
 
 
+def _object_store(settings):
+    """The object store of ``settings`` (None: landing stays a local folder). Imported only when
+    ``services.s3_bucket`` is set, so the embedded default needs no S3 client."""
+    services = getattr(settings, "services", None)
+    if settings is None or not getattr(services, "s3_bucket", None):
+        return None
+    try:
+        from recloop.objectstore import ObjectStore
+    except ImportError as exc:
+        raise RuntimeError("services.s3_bucket is set, but recloop.objectstore (the object-store client) "
+                           f"cannot be imported ({exc}); feedback would not reach the landing prefix") from exc
+    return ObjectStore.from_settings(settings)
+
+
+def accepted_ids_for(settings, state_dir: Path):
+    """The accepted-id log: PostgreSQL with ``services.database_url``, else SQLite under ``state_dir``."""
+    from recloop import pgstate
+
+    if settings is not None and pgstate.enabled(settings):
+        return PgAcceptedIds(settings)
+    return AcceptedIds(Path(state_dir) / "accepted_event_ids.sqlite")
+
+
 class FeedbackWriter:
     """Accepted feedback -> the open batch (fsynced) -> ``landing/`` by size, time or shutdown.
 
     The defaults (``flush_events=1``, ``flush_seconds=0``) land every write at once; the server
     passes ``feedback_flush_events`` / ``feedback_flush_seconds``.
+
+    ``settings`` (optional) selects the services backend: with ``services.database_url`` the
+    accepted ids live in PostgreSQL (:class:`PgAcceptedIds`), so replicas on different machines
+    accept each id once; with ``services.s3_bucket`` every landed file is uploaded to the object
+    store's ``landing/`` prefix and its local copy deleted only after the upload succeeded (a
+    failed upload keeps the file; :meth:`recover` and the flush thread retry it).
     """
 
     def __init__(self, landing_dir: Path, state_dir: Path, *, store_dir: Path | None = None,
-                 flush_events: int = 1, flush_seconds: float = 0.0, source: str = "serving"):
+                 flush_events: int = 1, flush_seconds: float = 0.0, source: str = "serving", settings=None):
         self.landing_dir = Path(landing_dir)
         self.state_dir = Path(state_dir)
         self.spool_dir = self.state_dir / "spool"
@@ -222,10 +361,20 @@ class FeedbackWriter:
         self._open: _OpenBatch | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.ids = AcceptedIds(self.state_dir / "accepted_event_ids.sqlite")
+        self.objects = _object_store(settings)
+        self.ids = accepted_ids_for(settings, self.state_dir)
         with self._lock, self._file_lock:
             self._migrate_old_log(store_dir)
             self._recover_locked()
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> FeedbackWriter:
+        """The writer of a server on ``settings`` (landing/, ``state/serving``, the store, the backend)."""
+        s = settings.serving
+        kwargs.setdefault("flush_events", s.feedback_flush_events)
+        kwargs.setdefault("flush_seconds", s.feedback_flush_seconds)
+        return cls(settings.landing_dir, settings.state_dir / "serving", store_dir=settings.store_dir,
+                   settings=settings, **kwargs)
 
     # ---- the accepted-id log ---------------------------------------------------------------------
     def _migrate_old_log(self, store_dir: Path | None) -> None:
@@ -254,7 +403,7 @@ class FeedbackWriter:
         old.rename(old.with_name(old.name + ".migrated"))
         log.warning("migrated %s to %s: %d id(s) imported (found in the store or landing/), %d line(s) not "
                     "imported (not verifiable; a re-post lands again and the store's event_id idempotency "
-                    "absorbs it)", old.name, self.ids.path.name, len(found), len(lines) - len(found))
+                    "absorbs it)", old.name, self.ids.label, len(found), len(lines) - len(found))
 
     def _landed_ids(self, candidates: set[str]) -> set[str]:
         out: set[str] = set()
@@ -277,17 +426,25 @@ class FeedbackWriter:
             unique: dict[str, dict] = {}
             for r in rows:
                 unique.setdefault(r["event_id"], r)
-            known = self.ids.known(list(unique))
-            fresh = [r for eid, r in unique.items() if eid not in known]
-            if not fresh:
-                return FeedbackResult(0, len(rows), None)
-            batch = self._open or self._new_batch()
-            size = batch.fh.tell()
-            batch.append(b"".join(json.dumps(_jsonable(r)).encode("utf-8") + b"\n" for r in fresh))
+            new = self.ids.reserve(list(unique))  # PostgreSQL: claimed in an open transaction
             try:
-                self.ids.add([r["event_id"] for r in fresh])
+                fresh = [r for eid, r in unique.items() if eid in new]
+                if not fresh:
+                    self.ids.abort()
+                    return FeedbackResult(0, len(rows), None)
+                batch = self._open or self._new_batch()
+                size = batch.fh.tell()
+                batch.append(b"".join(json.dumps(_jsonable(r)).encode("utf-8") + b"\n" for r in fresh))
             except BaseException:
-                batch.truncate(size)
+                self.ids.abort()
+                raise
+            try:
+                self.ids.commit()
+            except BaseException:
+                if self.ids.truncate_on_failed_commit:  # rolled back: the ids are not recorded, drop the lines
+                    batch.truncate(size)
+                else:  # outcome unknown: keep the lines (landing twice is absorbed, losing is not)
+                    batch.n += len(fresh)
                 raise
             batch.n += len(fresh)
             name = batch.landing_name
@@ -314,7 +471,40 @@ class FeedbackWriter:
             return None
         finally:
             batch.close()
+        if target is not None:
+            self._upload(target)
         return target.name if target else None
+
+    def _upload(self, path: Path) -> str | None:
+        """Object store configured: ``landing/<name>`` gets the file, then the local copy goes.
+        A failed upload keeps the local file (logged) for the next :meth:`recover` / flush pass."""
+        if self.objects is None:
+            return None
+        key = f"landing/{path.name}"
+        try:
+            self.objects.put_file(key, path)
+        except Exception as exc:
+            log.error("uploading feedback batch %s to %s failed (%s: %s); kept locally for retry", path.name, key,
+                      type(exc).__name__, exc)
+            return None
+        try:
+            path.unlink()
+            fsync_dir(path.parent)
+        except FileNotFoundError:  # another process on this workspace uploaded it too
+            pass
+        return key
+
+    def _upload_pending(self) -> list[str]:
+        """Retry uploading landed files of this writer's source that are still local."""
+        if self.objects is None:
+            return []
+        keys = []
+        for path in sorted(self.landing_dir.glob(f"{self.source}-*.parquet")):
+            key = self._upload(path)
+            if key is not None:
+                log.warning("uploaded feedback batch %s left behind by a failed upload -> %s", path.name, key)
+                keys.append(key)
+        return keys
 
     def _keep(self, spool: Path, exc: Exception) -> None:
         """A batch that did not land is never dropped: after a disk error it stays for the next pass;
@@ -360,9 +550,12 @@ class FeedbackWriter:
                 except Exception as exc:
                     self._keep(path, exc)
                     continue
+            if target is not None:
+                self._upload(target)
             log.warning("recovered feedback batch %s (left by a stopped server or a failed landing) -> "
                         "landing/%s", path.name, target.name if target else "(empty)")
             landed.append(path.name)
+        self._upload_pending()
         return landed
 
     # ---- the flush thread ------------------------------------------------------------------------
@@ -387,6 +580,8 @@ class FeedbackWriter:
             self._thread.join(timeout=30)
             self._thread = None
         self.flush()
+        if isinstance(self.ids, PgAcceptedIds):  # SQLite stays open: tests read it after close()
+            self.ids.close()
 
 
 class ImpressionLog:
