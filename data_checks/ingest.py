@@ -25,17 +25,30 @@ A crash anywhere after step 2 leaves the file in ``landing/`` and the verdict in
 validation that would now see the already-appended ids as "already stored"), and the
 store's idempotency keeps every event exactly once. A crash before step 2 stored
 nothing, so the re-run starts afresh.
+
+**Object storage** (``services.s3_bucket`` set, :mod:`recloop.objectstore`): ``landing/``,
+``processed/`` and ``quarantine/`` are also prefixes of the bucket, so workers on different machines
+share nothing but the services. :func:`ingest_object` claims one ``landing/<name>`` object (a
+PostgreSQL advisory lock when ``services.database_url`` is set, else a local lock), downloads it to
+``state/ingest/objects/``, runs the same steps as above on that copy, then publishes: the sidecar(s)
+and split-off rows are uploaded first, then the object is moved (server-side copy + delete) to
+``processed/`` or ``quarantine/`` and a quarantined entry is registered
+(``data_checks.quarantine.register_entry``). The verdict state is mirrored to ``state/ingest/<sha>.json``
+in the bucket, so a batch that one machine validated and crashed on is resumed by another with the same
+verdict. A crash before the move leaves the object in ``landing/``: the next run finishes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -49,6 +62,7 @@ from data_checks.validate import (
     prepare_feedback_frame,
     validate_frame,
 )
+from recloop.objectstore import LANDING, PROCESSED, QUARANTINE, ObjectStore
 from recloop.paths import confine
 from recloop.store import (
     FeedbackStore,
@@ -106,8 +120,14 @@ def _state_dir(settings) -> Path:
     return d
 
 
-def _load_state(settings, sha: str) -> dict | None:
+def _load_state(settings, sha: str, objstore: ObjectStore | None = None) -> dict | None:
+    """The verdict state of content ``sha``: the local file, else (object storage) the bucket's mirror."""
     p = _state_dir(settings) / f"{sha}.json"
+    if not p.exists() and objstore is not None and objstore.exists(_state_key(sha)):
+        try:
+            return json.loads(objstore.get_bytes(_state_key(sha)).decode("utf-8"))
+        except json.JSONDecodeError:
+            return None
     if not p.exists():
         return None
     try:
@@ -116,8 +136,14 @@ def _load_state(settings, sha: str) -> dict | None:
         return None
 
 
-def _save_state(settings, sha: str, doc: dict) -> None:
+def _save_state(settings, sha: str, doc: dict, objstore: ObjectStore | None = None) -> None:
     atomic_write_json(doc, _state_dir(settings) / f"{sha}.json")
+    if objstore is not None:  # a PUT is atomic: readers see the old document or the new one
+        objstore.put_bytes(_state_key(sha), json.dumps(doc, indent=2, default=str).encode())
+
+
+def _state_key(sha: str) -> str:
+    return f"state/ingest/{sha}.json"
 
 
 def sidecar_path(data_path: Path) -> Path:
@@ -212,7 +238,15 @@ def ingest_batch(path: str | Path, settings, *, now=None, force: bool = False,
         return _ingest_locked(path, settings, now=now, force=force, released_from=released_from)
 
 
-def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str | None) -> IngestOutcome:
+def _newest_stored(store) -> pd.Timestamp | None:
+    """The store's newest event time: the files store reads its newest day; Iceberg has it in the manifests."""
+    if isinstance(store, FeedbackStore):
+        return newest_stored_timestamp(store)
+    return store.time_range()[1]
+
+
+def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str | None,
+                   objstore: ObjectStore | None = None) -> IngestOutcome:
     t0 = time.perf_counter()
     if not path.exists():
         prev = _find_previous(settings, path.name)
@@ -226,7 +260,7 @@ def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str
     sha = file_sha256(path)
     stem = path.name[: -len(REJECTED_SUFFIX)] if path.name.endswith(REJECTED_SUFFIX) else path.stem
     batch_id = f"{stem}-{sha[:12]}"
-    state = _load_state(settings, sha)
+    state = _load_state(settings, sha, objstore)
     if state and state.get("stage") == "done" and not force:
         return _skip_duplicate(path, settings, sha, batch_id, state, t0)
 
@@ -253,13 +287,13 @@ def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str
                                        store.catalog()["item_id"].astype(str).to_numpy())
             del df  # the read frame: ``v`` holds its columns now; keeping both would double the batch's memory
             validation = validate_frame(v, settings, now=now, run_name=batch_id,
-                                        store_newest=newest_stored_timestamp(store))
+                                        store_newest=_newest_stored(store))
         bad = np.flatnonzero(~validation.good_mask) if validation.decision == "split" else np.array([], int)
         _save_state(settings, sha, {
             "stage": "validated", "batch_id": batch_id, "source": path.name, "validation": validation.to_dict(),
             "bad_rows": bad.tolist(),
             "bad_reasons": validation.row_reasons.iloc[bad].tolist() if len(bad) else [],
-        })
+        }, objstore)
 
     out = IngestOutcome(batch_id=batch_id, source=path.name, status=STATUS_BY_DECISION[validation.decision],
                         n_rows=validation.n_rows, n_good=validation.n_good, n_quarantined=validation.n_bad,
@@ -288,7 +322,7 @@ def _ingest_locked(path: Path, settings, *, now, force: bool, released_from: str
         if old_sidecar.exists():  # a released file leaves its old verdict behind
             old_sidecar.unlink()
     _save_state(settings, sha, {"stage": "done", "batch_id": batch_id, "source": path.name,
-                                "status": out.status, "destination": str(dest)})
+                                "status": out.status, "destination": str(dest)}, objstore)
     return out
 
 
@@ -354,5 +388,122 @@ def _skip_duplicate(path: Path, settings, sha: str, batch_id: str, state: dict, 
 
 
 def ingest_all(settings, *, now=None) -> list[IngestOutcome]:
-    """Ingest every pending landing file, in name order (daily batches land with sortable names)."""
-    return [ingest_batch(p, settings, now=now) for p in pending_batches(settings)]
+    """Ingest every pending landing file, in name order (daily batches land with sortable names); with
+    object storage configured, then every object under the ``landing/`` prefix (:func:`ingest_object`)."""
+    outs = [ingest_batch(p, settings, now=now) for p in pending_batches(settings)]
+    objstore = ObjectStore.from_settings(settings)
+    if objstore is not None:
+        outs += [ingest_object(k, settings, now=now, objstore=objstore) for k in pending_objects(settings, objstore)]
+    return outs
+
+
+# ---- landing on object storage -------------------------------------------------------------------------
+CLAIM_TIMEOUT_S = 2.0  # another worker holding a landing object's claim longer than this: leave it to them
+
+
+def pending_objects(settings, objstore: ObjectStore | None = None) -> list[str]:
+    """Keys directly under ``landing/`` (hidden names and deeper "folders" skipped), oldest name first;
+    [] without object storage."""
+    objstore = objstore if objstore is not None else ObjectStore.from_settings(settings)
+    if objstore is None:
+        return []
+    out = []
+    for key in objstore.list(LANDING):
+        name = key[len(LANDING):]
+        if name and "/" not in name and not name.startswith("."):
+            out.append(key)
+    return out
+
+
+@contextlib.contextmanager
+def _claim(settings, key: str):
+    """One worker at a time per landing object: a PostgreSQL advisory lock across machines when
+    ``services.database_url`` is set (:mod:`recloop.pgstate`), else a lock file on this machine."""
+    try:
+        from recloop import pgstate
+    except ImportError:  # pragma: no cover - the pgstate module ships with this package
+        pgstate = None
+    if pgstate is not None and pgstate.enabled(settings):
+        with pgstate.advisory_lock(settings, f"recloop.ingest:{key}", timeout=CLAIM_TIMEOUT_S):
+            yield
+        return
+    with FileLock(str(_state_dir(settings) / ".objects.lock"), timeout=-1):
+        yield
+
+
+def ingest_object(key: str, settings, *, now=None, objstore: ObjectStore | None = None) -> IngestOutcome:
+    """Ingest one ``landing/<name>`` object (module docstring, "Object storage"); safe to repeat and to run
+    on several machines at once: the object is claimed, and one that is gone was handled elsewhere."""
+    objstore = objstore if objstore is not None else ObjectStore.from_settings(settings)
+    if objstore is None:
+        raise ValueError("ingest_object needs object storage: services.s3_bucket is not set")
+    name = key[len(LANDING):] if key.startswith(LANDING) else ""
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"{key!r} is not an object directly under {LANDING!r}")
+    settings.ensure_dirs()
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_claim(settings, key))
+        except TimeoutError:
+            return IngestOutcome(batch_id="", source=name, status="skipped",
+                                 reasons=[f"{objstore.url(key)} is being ingested by another worker"])
+        if not objstore.exists(key):
+            return IngestOutcome(batch_id="", source=name, status="skipped",
+                                 reasons=[f"{objstore.url(key)} is gone: handled by another run"])
+        local = _state_dir(settings) / "objects" / name
+        objstore.get_file(key, local)
+        sha = file_sha256(local)
+        with FileLock(str(_state_dir(settings) / ".lock")):
+            prior = _load_state(settings, sha, objstore)
+            out = _ingest_locked(local, settings, now=now, force=False, released_from=None, objstore=objstore)
+        _publish(objstore, key, name, out, settings, prior)
+        return out
+
+
+def _free_key(objstore: ObjectStore, key: str, batch_id: str) -> str:
+    """``key``, or ``<stem>.<content hash><suffix>`` when another batch's object already has that name
+    (names are not unique across machines and days; an object is never overwritten)."""
+    if not objstore.exists(key):
+        return key
+    p = PurePosixPath(key)
+    suffix = "".join(p.suffixes[-2:]) if p.name.endswith(REJECTED_SUFFIX) else p.suffix
+    return str(p.with_name(f"{p.name[: len(p.name) - len(suffix)]}.{batch_id[-12:]}{suffix}"))
+
+
+def _publish(objstore: ObjectStore, key: str, name: str, out: IngestOutcome, settings, prior: dict | None) -> None:
+    """Sidecars and split-off rows up first, then the landing object moves; quarantine gets registered."""
+    dest = Path(out.destination)
+    if out.status == "skipped":
+        # a state that says "done" for this very object whose destination object is missing: the run that
+        # wrote it crashed before the move. Finish that move; any other repeat is a duplicate delivery.
+        folder = QUARANTINE if (prior or {}).get("status") == "quarantined" else PROCESSED
+        first = f"{folder}{name}"
+        dst_key = first if (prior or {}).get("source") == name and not objstore.exists(first) \
+            else f"{PROCESSED}duplicates/{dest.name}"
+    else:
+        folder = QUARANTINE if dest.parent.resolve() == settings.quarantine_dir.resolve() else PROCESSED
+        dst_key = _free_key(objstore, f"{folder}{name}", out.batch_id)
+    local_sidecar = sidecar_path(dest)
+    out.destination, out.validation_path = objstore.url(dst_key), objstore.url(dst_key + SIDECAR_SUFFIX)
+    rows_key = None
+    if out.quarantined_rows_path:
+        rows = Path(out.quarantined_rows_path)
+        rows_key = _free_key(objstore, f"{QUARANTINE}{rows.name}", out.batch_id)
+        objstore.put_file(rows_key + SIDECAR_SUFFIX, sidecar_path(rows))
+        objstore.put_file(rows_key, rows)
+        out.quarantined_rows_path = objstore.url(rows_key)
+    if local_sidecar.exists():
+        doc = json.loads(local_sidecar.read_text(encoding="utf-8"))
+        doc["outcome"] = out.to_dict()
+        objstore.put_bytes(dst_key + SIDECAR_SUFFIX, json.dumps(doc, indent=2, default=str).encode())
+    objstore.move(key, dst_key)
+    register = getattr(importlib.import_module("data_checks.quarantine"), "register_entry", None)
+    if register is not None:
+        fields = {f: getattr(out, f) for f in ("n_rows", "reasons", "reason_counts", "data_docs")}
+        if dst_key.startswith(QUARANTINE):  # a quarantined batch (or the finished move of one)
+            register(settings, {"id": out.batch_id, "kind": "batch", "key": dst_key, **fields})
+        if rows_key is not None:
+            register(settings, {"id": f"{out.batch_id}-rejected", "kind": "rows", "key": rows_key,
+                                **fields, "n_rows": out.n_quarantined})
+    if folder == PROCESSED and dest.exists():  # the bucket holds it now; quarantined copies stay for `release`
+        dest.unlink()

@@ -295,6 +295,13 @@ class FeedbackStore:
 
     @classmethod
     def from_settings(cls, settings) -> FeedbackStore:
+        """The configured store: these files (default), or Iceberg tables when ``services.store == "iceberg"``
+        (:class:`recloop.iceberg_store.IcebergFeedbackStore`, same interface; imported only then)."""
+        services = getattr(settings, "services", None)
+        if services is not None and services.store == "iceberg":
+            from recloop.iceberg_store import IcebergFeedbackStore
+
+            return IcebergFeedbackStore.from_settings(settings)
         settings.store_dir.mkdir(parents=True, exist_ok=True)
         return cls(settings.store_dir)
 
@@ -499,6 +506,12 @@ class FeedbackStore:
         )
 
     # ---- catalog and users ------------------------------------------------------------
+    def has_catalog(self) -> bool:
+        return self.catalog_path.exists()
+
+    def has_users(self) -> bool:
+        return self.users_path.exists()
+
     def upsert_catalog(self, df: pd.DataFrame) -> int:
         return self._upsert(self.catalog_path, normalize_catalog(df), "item_id")
 
