@@ -171,7 +171,11 @@ def user_event_rank(user: pd.Series, ts: pd.Series) -> np.ndarray:
 
 def newest_stored_timestamp(store) -> pd.Timestamp | None:
     """The newest event time in the store, reading only its newest day partition(s)."""
-    if store is None or not store.events_dir.exists():
+    if store is None:
+        return None
+    if not hasattr(store, "events_dir"):  # a table store answers from its metadata
+        return store.time_range()[1]
+    if not store.events_dir.exists():
         return None
     days = sorted(p.name.split("=", 1)[1] for p in store.events_dir.glob("date=*") if p.is_dir())
     for day in reversed(days):
@@ -410,7 +414,7 @@ def validate_catalog(catalog: pd.DataFrame, settings, known_categories=None, sto
     c = settings.checks
     if known_categories is None:
         known_categories = c.known_categories
-    if known_categories is None and store is not None and store.catalog_path.exists():
+    if known_categories is None and store is not None and store.has_catalog():
         known_categories = sorted(store.catalog()["category"].dropna().astype(str).unique())
     if known_categories is None:  # nothing to compare with: every present category is known
         known_categories = sorted(catalog["category"].dropna().astype(str).unique())

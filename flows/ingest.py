@@ -15,7 +15,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from data_checks.ingest import confine_to_landing, ingest_batch, pending_batches
+from data_checks.ingest import (
+    confine_to_landing,
+    ingest_batch,
+    ingest_object,
+    pending_batches,
+    pending_objects,
+)
 from flows.events import FEEDBACK_INGESTED, FEEDBACK_QUARANTINED, workspace_resource
 from recloop.settings import load_settings
 
@@ -24,6 +30,12 @@ list_task = task(pending_batches, name="list-landing", cache_policy=NO_CACHE, re
 # ingest_batch is idempotent and resumes after a crash, so a retry is always safe
 ingest_task = task(ingest_batch, name="ingest-file", cache_policy=NO_CACHE, retries=2,
                    retry_delay_seconds=[2, 10], task_run_name="ingest {path.name}")
+# the services backend: landing objects under s3://<bucket>/<prefix>/landing/ (claimed per object, so
+# several workers on several machines can run this flow at once)
+list_objects_task = task(pending_objects, name="list-landing-objects", cache_policy=NO_CACHE, retries=3,
+                         retry_delay_seconds=[1, 4, 16])
+ingest_object_task = task(ingest_object, name="ingest-object", cache_policy=NO_CACHE, retries=2,
+                          retry_delay_seconds=[2, 10], task_run_name="ingest {key}")
 
 
 @task(name="emit-event", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
@@ -80,11 +92,15 @@ def ingest_flow(workspace: str | None = None, paths: list[str] | None = None) ->
     # checked first, before any Prefect call: a refused path fails the run with nothing touched
     files = [confine_to_landing(p, settings) for p in paths] if paths else None
     logger = get_run_logger()
+    keys: list[str] = []
     if files is None:
         files = list_task(settings)
+        keys = list_objects_task(settings)
     outcomes, events = [], []
-    for path in files:
-        out = ingest_task(path, settings).to_dict()
+    runs = [lambda p=p: ingest_task(p, settings) for p in files]
+    runs += [lambda k=k: ingest_object_task(k, settings) for k in keys]
+    for run in runs:
+        out = run().to_dict()
         logger.info("%s: %s (%s rows, %s new, %s quarantined)", out["source"], out["status"], out["n_rows"],
                     out["n_new"], out["n_quarantined"])
         events += emit_outcome(settings, out)

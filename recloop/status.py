@@ -14,16 +14,18 @@ def _count(folder) -> int:
 
 
 def workspace_status(settings) -> dict:
-    store = FeedbackStore(settings.store_dir)
-    first, last = store.time_range() if settings.store_dir.exists() else (None, None)
+    store = FeedbackStore.from_settings(settings)
+    files = settings.services.store == "files"
+    has_events = settings.store_dir.exists() or not files
+    first, last = store.time_range() if has_events else (None, None)
     doc = {
         "workspace": str(settings.root),
         "batches_landed": _count(settings.landing_dir),
         "batches_processed": _count(settings.processed_dir),
         "batches_quarantined": _count(settings.quarantine_dir),
-        "events_stored": store.count() if settings.store_dir.exists() else 0,
-        "catalog_items": len(store.catalog()) if store.catalog_path.exists() else 0,
-        "users": len(store.users()) if store.users_path.exists() else 0,
+        "events_stored": store.count() if has_events else 0,
+        "catalog_items": len(store.catalog()) if store.has_catalog() else 0,
+        "users": len(store.users()) if store.has_users() else 0,
         "first_event": first,
         "last_event": last,
         "mlflow_tracking_uri": settings.tracking_uri,

@@ -234,7 +234,7 @@ class PolicyRun:
         from recloop.store import FeedbackStore
 
         store = FeedbackStore.from_settings(self.settings)
-        if not store.catalog_path.exists():
+        if not store.has_catalog():
             store.upsert_catalog(self.source.catalog)
             store.upsert_users(self.source.users)
         catalog_ids = set(self.source.catalog["item_id"])

@@ -33,6 +33,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from recloop.store import FeedbackStore
 from serving import ranking
 from serving.apidocs import mount_api_docs
 from serving.feedback import FeedbackWriter, ImpressionLog, impressions_dir
@@ -88,13 +89,12 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
     """
     s = settings.serving
     settings.ensure_dirs()
-    state_dir = settings.state_dir / "serving"
     source = model_source if model_source is not None else RegistryModelSource(settings)
-    view = StoreView(settings.store_dir)
+    view = StoreView(FeedbackStore.from_settings(settings))  # files, or Iceberg tables (services.store)
     holder = ModelHolder(source, view, settings)
-    writer = FeedbackWriter(settings.landing_dir, state_dir, store_dir=settings.store_dir,
-                            flush_events=option(s, "feedback_flush_events"),
-                            flush_seconds=option(s, "feedback_flush_seconds"))
+    # the id log in PostgreSQL and landing to the object store when services are configured
+    writer = FeedbackWriter.from_settings(settings, flush_events=option(s, "feedback_flush_events"),
+                                          flush_seconds=option(s, "feedback_flush_seconds"))
     impressions = ImpressionLog(impressions_dir(settings), s.impression_flush_seconds)
     limiter = RateLimiter(s.feedback_rate_per_minute)  # per user id
     client_limiter = RateLimiter(option(s, "feedback_rate_per_client_per_minute"))

@@ -532,10 +532,13 @@ class StoreView:
     ``tail_events`` / ``tail_positives``: the per-user bounds of what is kept (module defaults).
     """
 
-    def __init__(self, store_dir: str | Path, tail_events: int = TAIL_EVENTS, tail_positives: int = TAIL_POSITIVES):
+    def __init__(self, store, tail_events: int = TAIL_EVENTS, tail_positives: int = TAIL_POSITIVES):
         if tail_events < TAIL_EVENTS:
             raise ValueError(f"tail_events must be at least {TAIL_EVENTS} (the model reads that many events)")
-        self.store = FeedbackStore(store_dir)
+        # a folder (the files store), or any store object: a table store (Iceberg) has no ledger file and
+        # is followed through its commit signature and the data files it lists (append-only: new files only)
+        self.store = FeedbackStore(store) if isinstance(store, str | Path) else store
+        self._table_store = not hasattr(self.store, "ledger_path")
         self.tail_events, self.tail_positives = int(tail_events), int(tail_positives)
         self._lock = threading.Lock()  # one refresher at a time; readers never take it
         self._sig: tuple | None = None
@@ -547,6 +550,8 @@ class StoreView:
         self.rebuilds = 0
 
     def signature(self) -> tuple:
+        if self._table_store:
+            return self.store.signature()
         return (_file_sig(self.store.ledger_path), _file_sig(self.store.catalog_path))
 
     def refresh(self, force: bool = False) -> bool:
@@ -602,6 +607,8 @@ class StoreView:
 
     def _ledger_parts(self, offset: int) -> tuple[list[str], int, int, bool]:
         """(parts named by ledger lines after byte ``offset``, the new offset, lines read, ledger shrank)."""
+        if self._table_store:  # every data file the table lists now; refresh keeps only the unseen ones
+            return [str(p) for p in self.store.parts()], 0, 0, False
         path = self.store.ledger_path
         try:
             size = path.stat().st_size
