@@ -108,12 +108,21 @@ def _activate(settings) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is None:
         try:
-            return c.create_experiment(name, artifact_location=_uri(settings.artifact_root))
+            return c.create_experiment(name, artifact_location=_experiment_artifacts(settings))
         except Exception:  # created concurrently by another process
             exp = c.get_experiment_by_name(name)
             if exp is None:
                 raise
     return exp.experiment_id
+
+
+def _experiment_artifacts(settings) -> str | None:
+    """Where the experiment's artifacts go: an explicit ``mlflow_artifact_root``; else, with a tracking
+    *server* (http/https), the server's own default (``mlflow-artifacts:`` proxied to S3 with
+    ``--serve-artifacts``), so that no worker writes to a folder only it can see; else the workspace."""
+    if settings.mlflow_artifact_root is None and settings.tracking_uri.startswith(("http://", "https://")):
+        return None
+    return _uri(settings.artifact_root)
 
 
 def _alias_version(c, name: str, alias: str) -> str | None:

@@ -197,7 +197,10 @@ def prune_candidates(settings, keep: Path | None = None) -> int:
 
 
 def artifact_root_path(settings) -> Path | None:
-    """The MLflow artifact root as a local folder (None for a remote store)."""
+    """The MLflow artifact root as a local folder (None for a remote store, or a tracking server that
+    keeps the artifacts itself)."""
+    if settings.mlflow_artifact_root is None and settings.tracking_uri.startswith(("http://", "https://")):
+        return None
     return _local_path(str(settings.artifact_root))
 
 
