@@ -184,6 +184,14 @@ class ServingSettings(BaseModel):
     feedback_rate_per_client_per_minute: int = 1_200  # per remote address, besides the per-user limit
     feedback_rate_global_per_minute: int = 12_000  # the whole server
     insecure: bool = False  # serve on a non-loopback host without a token (refused unless set)
+    # retrieval over catalogs this size or larger goes through a usearch HNSW graph (serving/ann.py),
+    # built or loaded when a model is loaded and updated incrementally on store refresh
+    ann_min_items: int = 50_000
+    ann_ef_search: int = 256  # search breadth: recall vs latency (bench_ann: recall@100 0.98 at 50k)
+    ann_connectivity: int = 16  # graph degree
+    ann_expansion_add: int = 128  # build breadth
+    ann_dtype: Literal["f32", "f16", "i8"] = "f16"
+    ann_build_threads: int = 0  # 0: all cores
 
 
 class ServicesSettings(BaseModel):

@@ -1,9 +1,11 @@
 """Candidate retrieval over precomputed item vectors, MMR diversity, the exploration slot.
 
 :class:`ItemIndex` holds one L2-normalised vector per catalog item (the model's item
-tower, ``Recommender.item_vectors``). Retrieval is exact: one matrix-vector product and
-an ``argpartition`` (100k x 128 float32 is ~50 MB and a few ms on one core); an ANN
-index is not needed at this size. The index is rebuilt incrementally when the catalog
+tower, ``Recommender.item_vectors``). Below ``serving.ann_min_items`` items retrieval
+is exact: one matrix-vector product and a top-k (100k x 128 float32 is ~50 MB and a few ms on one
+core). From that size on, :meth:`ItemIndex.with_ann` attaches a usearch HNSW graph
+(:mod:`serving.ann`; built when serving loads a model, saved next to its local files and loaded
+instead of rebuilt next time) and :meth:`ItemIndex.top_n` answers through it. The index is rebuilt incrementally when the catalog
 changes: items whose text did not change keep their vectors, new or edited items are
 encoded — so a new catalog item is retrievable as soon as the store shows it.
 (The ``Recommender`` caches the encoder's text vectors itself and saves them with the
@@ -15,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from recloop.schema import item_text
+from serving.ann import AnnIndex, AnnParams, index_key, item_keys, model_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ class ItemIndex:
     row: dict = field(repr=False)  # item_id -> row
     build_seconds: float = 0.0
     n_encoded: int = 0  # how many vectors the last build had to compute
+    ann: AnnIndex | None = field(default=None, repr=False)  # None: exact retrieval
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -58,12 +63,74 @@ class ItemIndex:
         return np.array([self.row[i] for i in item_ids if i in self.row], dtype=np.int64)
 
     def top_n(self, query: np.ndarray, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and cosine similarities of the ``n`` items nearest to ``query`` (exact), best first.
+        """Rows and cosine similarities of the ``n`` items nearest to ``query``, best first; rows in
+        ``exclude`` are never returned.
 
-        The one retrieval serving and the offline catalog evaluation share (``models.catalog_eval.top_n``)."""
+        Exact (``models.catalog_eval.top_n``, the retrieval the offline catalog evaluation measures)
+        unless an ANN graph is attached (:meth:`with_ann`): then approximate in *which* rows come back
+        (recall@100 >= 0.95 at the default ``serving.ann_ef_search``, benchmarks/bench_ann.py), exact in
+        their similarities and order."""
+        if self.ann is not None:
+            return self.ann.search(self.vectors, query, n, exclude)
         from models.catalog_eval import top_n
 
         return top_n(self.vectors, query, n, exclude)
+
+    def retrieve_for_rescore(self, query: np.ndarray, candidates: int, rescore: int,
+                             exclude: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Serving's steps 1-2 (``models.catalog_eval.retrieve_for_rescore`` through :meth:`top_n`): the
+        ``candidates`` nearest rows, of which the best ``rescore`` go to the full model."""
+        rows, _ = self.top_n(query, candidates, exclude)
+        return rows[: max(int(rescore), 0)], len(rows)
+
+    # ---- the ANN graph ----------------------------------------------------------------------
+    def with_ann(self, params: AnnParams, directory: Path | None = None, model_stamp: str | None = None,
+                 previous: ItemIndex | None = None) -> ItemIndex:
+        """This index with an HNSW graph attached when it has at least ``params.min_items`` items.
+
+        Where the graph comes from, cheapest first: ``previous.ann`` updated incrementally (same
+        model, catalog changed while serving); the save in ``directory`` for exactly this model +
+        catalog (loaded as is); the newest save of this model for another catalog (updated
+        incrementally); a fresh build. ``directory`` + ``model_stamp`` (the model's version and
+        identity) enable saving: a built graph is saved there so the next start loads it. Below the
+        threshold the index stays exact (``ann=None``).
+        """
+        if len(self) < max(int(params.min_items), 1) or self.dim == 0:
+            return replace(self, ann=None) if self.ann is not None else self
+        keys = item_keys(self.item_ids)
+        if len(np.unique(keys)) != len(keys):  # a 64-bit collision among item ids: never seen, but stay exact
+            log.warning("item id hashes collide: ANN retrieval disabled for this catalog")
+            return replace(self, ann=None)
+        ann = None
+        key = prefix = None
+        if model_stamp is not None:
+            prefix = model_prefix(model_stamp, self.dim, params)
+            key = index_key(model_stamp, self.dim, params, keys, self.hashes)
+        prev = previous.ann if previous is not None else None
+        if prev is not None and prev.params.graph_fields() == params.graph_fields() and \
+                previous.dim == self.dim:
+            ann = prev.updated(self.vectors, keys, self.hashes)  # the caller passes a previous of the same model
+        if ann is None and directory is not None and key is not None:
+            ann = AnnIndex.load(directory, key, prefix, params)
+            if ann is None:
+                stale = AnnIndex.latest_for_model(directory, prefix, params)
+                if stale is not None:
+                    ann = stale.updated(self.vectors, keys, self.hashes)
+        if ann is None:
+            try:
+                ann = AnnIndex.build(self.vectors, keys, self.hashes, params)
+            except ImportError as exc:  # usearch not installed: exact retrieval, loudly
+                log.warning("ANN retrieval unavailable (%s): exact retrieval over %d items", exc, len(self))
+                return replace(self, ann=None)
+        if directory is not None and key is not None and ann.how != "loaded" and previous is None:
+            try:
+                ann.save(directory, key, prefix)
+            except OSError as exc:  # a read-only model folder: serve from memory, rebuild next start
+                log.warning("could not save the ANN index to %s: %s", directory, exc)
+        ann.key = key or ann.key
+        log.info("ANN index %s: %d items in %.1fs (+%d -%d)", ann.how, len(ann), ann.build_seconds, ann.n_added,
+                 ann.n_removed)
+        return replace(self, ann=ann.bind(keys))
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from serving.ann import AnnParams
 from serving.index import ItemIndex
 from serving.storeview import StoreView
 
@@ -88,6 +89,10 @@ class LocalDirModelSource:
         model = _recommender_cls().load(path)
         info = {"source": f"local:{path}", **_model_info(model)}
         return model, info
+
+    def index_dir(self, version: str) -> Path:
+        """Where the version's ANN graph is saved: ``ann/`` inside its model folder."""
+        return self.model_dir(version) / "ann"
 
     def set_champion(self, version: str) -> None:
         from recloop.store import atomic_write_bytes
@@ -172,6 +177,14 @@ class RegistryModelSource:
         info.update(run)
         return model, info
 
+    def index_dir(self, version: str) -> Path | None:
+        """Where the version's ANN graph is saved: ``ann/`` next to the version's local cache (``model/``),
+        outside the checksummed model files; a re-fetched cache drops it with the rest."""
+        from models import registry
+
+        cache_dir = getattr(registry, "_cache_dir", None)
+        return None if cache_dir is None else cache_dir(self.settings, str(version)) / "ann"
+
     def _cache_stamp(self, version: str) -> tuple[int, int] | None:
         """When the version's local cache was completed (None: no complete cache)."""
         from models import registry
@@ -222,6 +235,17 @@ class RegistryModelSource:
         if window:
             out["trained_window"] = window
         return out
+
+
+def _retrieval_info(index: ItemIndex) -> dict:
+    """How the served index retrieves (``GET /model`` details)."""
+    ann = index.ann
+    if ann is None:
+        return {"kind": "exact", "items": len(index)}
+    return {"kind": "ann", "library": "usearch", "items": len(index), "graph": ann.how,
+            "graph_seconds": round(ann.build_seconds, 3), "ef_search": ann.params.ef_search,
+            "connectivity": ann.params.connectivity, "dtype": ann.params.dtype,
+            "memory_bytes": int(getattr(ann.graph, "memory_usage", 0) or 0)}
 
 
 def _dedup(values: list[str]) -> list[str]:
@@ -320,10 +344,11 @@ class ModelHolder:
             version = str(info.get("version", version))
             data = self.view.data
             index = ItemIndex.build(model, data.catalog.reset_index())
+            index = self._with_ann(index, model, version)
         except Exception as exc:
             log.exception("loading model version %s failed", version)
             return f"{type(exc).__name__}: {exc}"
-        info = {**info, "version": version}
+        info = {**info, "version": version, "retrieval": _retrieval_info(index)}
         if fallback_for is not None:
             info["fallback_for"] = fallback_for
         self.current = Served(model=model, version=version, info=info, index=index, catalog_sig=data.catalog_sig)
@@ -332,6 +357,23 @@ class ModelHolder:
         log.info("serving model version %s (%d items indexed in %.1fs, %d encoded)", version, len(index),
                  index.build_seconds, index.n_encoded)
         return None
+
+    def _with_ann(self, index: ItemIndex, model, version: str) -> ItemIndex:
+        """Attach the ANN graph (large catalogs): loaded from the source's ``index_dir`` when saved there
+        for this model + catalog, else built (and saved there)."""
+        params = AnnParams.from_settings(self.settings)
+        if len(index) < params.min_items:
+            return index
+        directory = None
+        index_dir = getattr(self.source, "index_dir", None)
+        if index_dir is not None:
+            try:
+                directory = index_dir(version)
+            except Exception as exc:  # no place to save: build in memory
+                log.warning("no ANN index folder for version %s: %s", version, exc)
+        config = getattr(model, "config", None)
+        stamp = f"{version}@{config.get('saved_at')}" if isinstance(config, dict) else str(version)
+        return index.with_ann(params, directory=directory, model_stamp=stamp)
 
     def _fall_back(self, failed: str, error: str) -> bool:
         """Nothing served and the champion broken: serve the newest fallback version that loads."""
@@ -370,12 +412,14 @@ class ModelHolder:
             try:
                 with cur.model_lock:
                     index = ItemIndex.build(cur.model, data.catalog.reset_index(), previous=cur.index)
+                index = index.with_ann(AnnParams.from_settings(self.settings), previous=cur.index)
             except Exception as exc:
                 self.last_error = f"re-indexing the catalog failed: {type(exc).__name__}: {exc}"
                 log.exception("re-indexing failed")
                 return changed
             if self.current is cur:
-                self.current = Served(model=cur.model, version=cur.version, info=cur.info, index=index,
+                info = {**cur.info, "retrieval": _retrieval_info(index)}
+                self.current = Served(model=cur.model, version=cur.version, info=info, index=index,
                                       catalog_sig=data.catalog_sig, loaded_at=cur.loaded_at,
                                       model_lock=cur.model_lock)
             log.info("item index refreshed: %d items (%d encoded)", len(index), index.n_encoded)

@@ -2,8 +2,10 @@
 
 1. **Retrieve** ``serving.candidates`` items: cosine of the user vector
    (the user tower from the user's history, plus the query text for search)
-   against every item vector, exact (``models.catalog_eval.top_n``: the same retrieval the offline
-   catalog evaluation runs, so its metrics measure this path). Items the user already liked
+   against every item vector through ``ItemIndex.top_n``: exact (``models.catalog_eval.top_n``, the
+   retrieval the offline catalog evaluation runs, so its metrics measure this path) below
+   ``serving.ann_min_items`` items, the usearch HNSW graph (``serving/ann.py``, recall@100 >= 0.95)
+   above. Items the user already liked
    are excluded from ``/recommend``. A cold-start user (no positive history) gets the
    most popular items (smoothed like-rate x log positives, from the store) instead,
    topped up by the model's cold user vector.
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from models.catalog_eval import order_by_score, retrieve_for_rescore, top_n
+from models.catalog_eval import order_by_score
 from serving.index import exploration_pool, mmr
 from serving.lifecycle import Served
 from serving.storeview import StoreData
@@ -198,14 +200,14 @@ def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, r
         pop_rows = index.rows_of([i for i in pop.index[: s.candidates]])
         cand_rows = list(pop_rows)
         if len(cand_rows) < s.candidates:
-            extra, _ = top_n(index.vectors, scorer.user_vector(), s.candidates)
+            extra, _ = index.top_n(scorer.user_vector(), s.candidates)
             seen = set(cand_rows)
             cand_rows += [r for r in extra if r not in seen][: s.candidates - len(cand_rows)]
         cand_rows = np.asarray(cand_rows, dtype=np.int64)
         n_cand = len(cand_rows)
         cand_rows = cand_rows[: s.rescore]
     else:
-        cand_rows, n_cand = retrieve_for_rescore(index.vectors, scorer.user_vector(), s.candidates, s.rescore,
+        cand_rows, n_cand = index.retrieve_for_rescore(scorer.user_vector(), s.candidates, s.rescore,
                                                  exclude=liked_rows)
 
     explore_row = None
@@ -247,7 +249,7 @@ def search(served: Served, data: StoreData, settings, query: str, user_id: str |
     s = settings.serving
     index = served.index
     scorer = _Scorer(served, data, user_id, query)
-    cand_rows, n_cand = retrieve_for_rescore(index.vectors, scorer.user_vector(), s.candidates, s.rescore)
+    cand_rows, n_cand = index.retrieve_for_rescore(scorer.user_vector(), s.candidates, s.rescore)
     scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
     picked = _order(scores, index.vectors[cand_rows], k, s.mmr_lambda)
     qwords = _words(query)

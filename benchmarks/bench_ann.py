@@ -1,0 +1,206 @@
+"""ANN retrieval at catalog scale: build time, memory, recall@100 against exact search, search latency.
+
+    .venv/bin/python benchmarks/bench_ann.py                 # 1,000,000 items (the issue's target size)
+    .venv/bin/python benchmarks/bench_ann.py --quick         # 50,000 items: checks the code path works
+
+What it measures, on ``--items`` unit vectors at the model's item-vector dimension
+(``training.embed_dim``, 128) through the code serving uses (``serving.index.ItemIndex.with_ann`` /
+``ItemIndex.top_n``, usearch HNSW, :class:`serving.ann.AnnParams` defaults unless overridden):
+
+* **data**: ``clustered`` (default; items around ``items/100`` topic centres, like the item tower's
+  output, which groups items by category and wording) or ``random`` (uniform on the sphere: the
+  hardest case for any ANN index); queries are catalog vectors plus noise (a user near what they like);
+* **build**: wall time of the graph build (``--threads`` build threads), RSS growth of the process
+  during the build, ``Index.memory_usage`` and the saved file's size; save and load time (the load
+  is what a serving restart does when the saved key matches);
+* **recall@100** over ``--queries`` queries: share of the exact top-100 (every similarity computed)
+  that ``ItemIndex.top_n(q, 100)`` returns, for each ``--ef`` (search breadth);
+* **latency**: p50 / p99 of ``ItemIndex.top_n(q, 200)`` (``serving.candidates`` = 200, 20 excluded
+  rows as for a user with history) on one thread, and of exact search for comparison.
+
+Prints one JSON line. ``/recommend`` p99 through the real FastAPI app at 1,000,000 items is
+``benchmarks/bench_serving.py --items 1000000 --synthetic-text-vectors`` (see its docstring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x.astype(np.float32, copy=False)
+
+
+def make_vectors(n: int, dim: int, kind: str, seed: int = 0) -> np.ndarray:
+    """``n`` unit vectors, built in chunks (1M x 128 float32 = 512 MB, no float64 copy)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), dtype=np.float32)
+    centres = _unit(rng.standard_normal((max(n // 100, 10), dim), dtype=np.float32)) if kind == "clustered" else None
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        noise = rng.standard_normal((m, dim), dtype=np.float32)
+        if centres is None:
+            out[s:s + m] = _unit(noise)
+        else:  # within a topic cosine ~0.6-0.8; the nearest 100 items span several topics
+            out[s:s + m] = _unit(centres[rng.integers(len(centres), size=m)] + 0.1 * noise)
+    return out
+
+
+def make_queries(vectors: np.ndarray, n: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = vectors[rng.integers(len(vectors), size=n)] + 0.05 * rng.standard_normal((n, vectors.shape[1]),
+                                                                                dtype=np.float32)
+    return _unit(q)
+
+
+def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, batch: int = 64) -> np.ndarray:
+    """Ground truth: every similarity computed, the ``k`` best rows per query (as a set)."""
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for s in range(0, len(queries), batch):
+        sims = queries[s:s + batch] @ vectors.T
+        out[s:s + batch] = np.argpartition(-sims, k, axis=1)[:, :k]
+    return out
+
+
+def _pct(a: list[float]) -> dict:
+    x = np.array(a) * 1000
+    return {"p50_ms": round(float(np.percentile(x, 50)), 3), "p99_ms": round(float(np.percentile(x, 99)), 3),
+            "mean_ms": round(float(x.mean()), 3)}
+
+
+def run(n_items: int, dim: int, kind: str, n_queries: int, efs: list[int], params, workdir: Path,
+        n_latency: int = 500) -> dict:
+    from serving.ann import AnnParams
+    from serving.index import ItemIndex
+
+    t0 = time.perf_counter()
+    vectors = make_vectors(n_items, dim, kind)
+    ids = np.array([f"item-{j}" for j in range(n_items)], dtype=object)
+    index = ItemIndex(item_ids=ids, vectors=vectors, hashes=np.arange(n_items, dtype=np.uint64),
+                      row={})  # ``row`` (id -> row) is not used by retrieval
+    queries = make_queries(vectors, n_queries)
+    gen_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    truth = exact_top(vectors, queries, 100)
+    exact_s = time.perf_counter() - t0
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    for p in workdir.glob("*"):
+        p.unlink()
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    ann_index = index.with_ann(params, directory=workdir, model_stamp="bench@0")  # builds + saves
+    build_and_save_s = time.perf_counter() - t0
+    rss1 = _rss_bytes()
+    ann = ann_index.ann
+    saved = next(workdir.glob("*.usearch"))
+    t0 = time.perf_counter()
+    loaded = index.with_ann(params, directory=workdir, model_stamp="bench@0")  # what a restart does
+    load_s = time.perf_counter() - t0
+    assert loaded.ann.how == "loaded", loaded.ann.how
+    del loaded
+
+    recall = {}
+    for ef in efs:
+        hits = 0
+        for q, want in zip(queries, truth):
+            got = ann.search(vectors, q, 100, ef=ef)[0]
+            hits += len(np.intersect1d(got, want))
+        recall[str(ef)] = round(hits / (100 * len(queries)), 4)
+    ann.graph.expansion_search = params.ef_search
+
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    lat_q = queries[: min(n_latency, len(queries))]
+    excl = [rng.integers(n_items, size=20) for _ in lat_q]
+    for q, e in zip(lat_q[:20], excl):  # warm-up
+        ann_index.top_n(q, 200, e)
+    ann_lat, exact_lat = [], []
+    for q, e in zip(lat_q, excl):
+        t = time.perf_counter()
+        ann_index.top_n(q, 200, e)
+        ann_lat.append(time.perf_counter() - t)
+    for q, e in zip(lat_q[:100], excl):
+        t = time.perf_counter()
+        index.top_n(q, 200, e)  # exact (no graph attached)
+        exact_lat.append(time.perf_counter() - t)
+    default_params = AnnParams()
+    return {
+        "bench": "ann", "items": n_items, "dim": dim, "data": kind, "queries": n_queries,
+        "machine": f"{os.cpu_count()}-core CPU, {platform.python_implementation()} {platform.python_version()}",
+        "load_average": round(os.getloadavg()[0], 2),
+        "params": {"connectivity": params.connectivity, "expansion_add": params.expansion_add,
+                   "ef_search": params.ef_search, "dtype": params.dtype, "build_threads": params.threads,
+                   "defaults": default_params.__dict__},
+        "generate_seconds": round(gen_s, 1), "exact_ground_truth_seconds": round(exact_s, 1),
+        "build_seconds": round(ann.build_seconds, 1), "build_and_save_seconds": round(build_and_save_s, 1),
+        "load_seconds": round(load_s, 2),
+        "rss_delta_mib": round((rss1 - rss0) / 2**20, 1),
+        "index_memory_mib": round(ann.graph.memory_usage / 2**20, 1),
+        "index_file_mib": round(saved.stat().st_size / 2**20, 1),
+        "vectors_f32_mib": round(vectors.nbytes / 2**20, 1),
+        "recall_at_100": recall,
+        "recall_at_100_default_ef": recall.get(str(params.ef_search)),
+        "ann_top200_latency": _pct(ann_lat), "exact_top200_latency": _pct(exact_lat),
+    }
+
+
+def main(argv=None) -> None:
+    from serving.ann import AnnParams
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--quick", action="store_true", help="50,000 items, 300 queries (a check that it runs)")
+    ap.add_argument("--dim", type=int, default=None, help="vector dimension (default: training.embed_dim)")
+    ap.add_argument("--data", choices=["clustered", "random"], default="clustered")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--ef", default=None, help="comma-separated search breadths to measure recall at "
+                                               "(default: 128,<ann_ef_search>,384,2x it; "
+                                               "usearch searches at least 100 wide for a top-100)")
+    ap.add_argument("--connectivity", type=int, default=None)
+    ap.add_argument("--expansion-add", type=int, default=None)
+    ap.add_argument("--ef-search", type=int, default=None, help="the serving default to report")
+    ap.add_argument("--threads", type=int, default=None, help="build threads (default: all cores)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "recloop-bench-ann")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.items, args.queries = 50_000, 300
+    d = AnnParams()
+    params = AnnParams(min_items=1, connectivity=args.connectivity or d.connectivity,
+                       expansion_add=args.expansion_add or d.expansion_add, ef_search=args.ef_search or d.ef_search,
+                       dtype=d.dtype, threads=args.threads if args.threads is not None else (os.cpu_count() or 1))
+    dim = args.dim
+    if dim is None:
+        from recloop.settings import Settings
+
+        dim = int(Settings().training.embed_dim)
+    efs = [int(x) for x in args.ef.split(",")] if args.ef else sorted({128, params.ef_search, 384,
+                                                                         2 * params.ef_search})
+    out = run(args.items, dim, args.data, args.queries, efs, params, args.workdir)
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
