@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_memory.py                          # 1M and 3M events, 3 runs each
     .venv/bin/python benchmarks/bench_memory.py --baseline-tree /tmp/old # ... and the same on another checkout
     .venv/bin/python benchmarks/bench_memory.py --quick                  # 20k events, 4 MB, one run (< 60 s)
+    .venv/bin/python benchmarks/bench_memory.py --events 10000000 --runs 1 \
+        --only monitor,ingest-stored,retrain --window-days 7                # the 10M loop (issue 15)
 
 Each measurement runs in a fresh subprocess (``python -c``, the code under test first on ``sys.path``); its
 peak memory is the child's RSS high-water mark (``VmHWM``, i.e. ``getrusage(RUSAGE_SELF).ru_maxrss``, imports
@@ -18,6 +20,14 @@ commit before) and this one, on the same data, so ratios are taken under the sam
 * **ingest**: ``ingest_batch`` of one landing CSV of ``--ingest-mb`` MB (~80 bytes a row) into a workspace
   whose store holds the catalog (Data Docs off, the GX context built before measuring, as in a worker);
   the ratio is the peak growth over the file's size.
+* **ingest-stored**: the same CSV ingested into a copy of the big store's workspace (idempotency checked
+  against every stored event, part by part), for "ingest with N events stored";
+* **retrain**: the retrain's data path in one process: ``prepare_retrain_data`` (the snapshot read, bounded
+  to the newest ``--window-days`` days; the retrain reads *everything stored* when ``retrain.window_days`` is
+  unset), then ``train_recommender`` on its train part (the window's point-in-time features on the engine
+  ``--engine`` names, the frozen MiniLM catalog pass, ``--fit-epochs`` epochs of selection fit, the ranker
+  and the refit, or ``--fit-batches`` batches of each fit without the ranker). With ``--engine ray`` the
+  peak of every Ray process the child started (workers, raylet) is reported too.
 
 The stores are synthetic events written straight into the store's layout (``events/date=*/part-*.parquet``
 with the pandas metadata the store writes, ``ledger.jsonl``, ``catalog.parquet``) with numpy and Arrow, two
@@ -280,11 +290,51 @@ print("RESULT " + json.dumps({"seconds": sec, "rss_after_imports": base, "vmhwm"
 """
 
 
+RETRAIN = r"""
+import pandas as pd
+import models.train  # torch, lightning, transformers: counted as imports
+from models.pipeline import prepare_retrain_data
+from recloop.settings import load_settings
+s = load_settings(ARGS["ws"])
+s.retrain.window_days = ARGS["window_days"]
+s.services.engine = ARGS["engine"]
+s.training.max_epochs = max(ARGS["fit_epochs"], 1)
+base = status("VmRSS")
+t0 = time.perf_counter()
+data = prepare_retrain_data(s)
+t_read, peak_read = time.perf_counter() - t0, status("VmHWM")
+out = models.train.train_recommender(s, data.train, data.catalog, data.users,
+                                     fast_dev_run=ARGS["fit_batches"] or False)  # closes a Ray engine it started
+sec = time.perf_counter() - t0
+print("RESULT " + json.dumps({"seconds": sec, "read_seconds": t_read, "rss_after_imports": base,
+      "vmhwm": status("VmHWM"), "vmhwm_after_read": peak_read, "n_window": len(data.events),
+      "n_train": len(data.train), "timings": out.timings, "ray_peak": RAY_PEAK[0]}))
+"""
+
+RAY_PROBE = r"""
+RAY_PEAK = [0]
+if ARGS.get("engine") == "ray":  # before the engine stops: the high-water marks of the Ray processes it started
+    import models.engine as _me
+    _close = _me.RayEngine.close
+    def _probing_close(self):
+        import psutil
+        for p in psutil.Process().children(recursive=True):
+            try:
+                for line in open(f"/proc/{p.pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        RAY_PEAK[0] = max(RAY_PEAK[0], int(line.split()[1]) * 1024)
+            except OSError:
+                pass
+        _close(self)
+    _me.RayEngine.close = _probing_close
+"""
+
+
 def run_child(tree: Path, body: str, args: dict, timeout: float = 1800) -> dict:
     """Run ``body`` in a fresh interpreter with ``tree`` first on sys.path; its result plus its peak RSS."""
     head = (f"import json\nTREE = {str(tree)!r}\nARGS = json.loads({json.dumps(json.dumps(args))})\n"
             "import statistics\nstatistics_median = statistics.median\n")
-    code = head + PRELUDE + body
+    code = head + PRELUDE + (RAY_PROBE if body is RETRAIN else "") + body
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     env.setdefault("PREFECT_HOME", str(Path(tempfile.gettempdir()) / f"bench-memory-prefect-{os.getpid()}"))
@@ -316,7 +366,7 @@ def _median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def measure(kind: str, tree: Path, doc: dict, workdir: Path, csv: dict | None = None) -> dict:
+def measure(kind: str, tree: Path, doc: dict, workdir: Path, csv: dict | None = None, opts=None) -> dict:
     if kind == "monitor":
         shutil.rmtree(Path(doc["ws"]) / "reports", ignore_errors=True)
         return run_child(tree, MONITOR, {"ws": doc["ws"], "day0": DAY0, "train_days": TRAIN_DAYS, "n_days": N_DAYS})
@@ -337,6 +387,22 @@ def measure(kind: str, tree: Path, doc: dict, workdir: Path, csv: dict | None = 
         res = run_child(tree, INGEST, {"ws": str(ws), "file": str(landed)})
         shutil.rmtree(ws, ignore_errors=True)
         return res
+    if kind == "ingest-stored":
+        from recloop.settings import load_settings
+
+        ws = workdir / "ingest-stored-ws"
+        shutil.rmtree(ws, ignore_errors=True)
+        shutil.copytree(doc["ws"], ws)
+        landed = load_settings(ws).ensure_dirs().landing_dir / "batch.csv"
+        shutil.copy(csv["path"], landed)
+        res = run_child(tree, INGEST, {"ws": str(ws), "file": str(landed)})
+        shutil.rmtree(ws, ignore_errors=True)
+        return res
+    if kind == "retrain":
+        shutil.rmtree(Path(doc["ws"]) / "models", ignore_errors=True)
+        return run_child(tree, RETRAIN, {"ws": doc["ws"], "window_days": opts.window_days, "engine": opts.engine,
+                                         "fit_epochs": opts.fit_epochs, "fit_batches": opts.fit_batches},
+                         timeout=opts.retrain_timeout)
     raise ValueError(kind)
 
 
@@ -349,7 +415,11 @@ def summarise(kind: str, runs: list[dict], csv: dict | None = None) -> dict:
         out["per_user_ms"] = _median(runs, "per_user_ms")
         out["events_kept"] = runs[0]["events_kept"]
         out["events_counted"] = runs[0]["events_counted"]
-    if kind == "ingest":
+    if kind == "retrain":
+        for key in ("read_seconds", "vmhwm_after_read", "ray_peak"):
+            out[key] = _median(runs, key)
+        out["n_window"], out["n_train"], out["timings"] = runs[0]["n_window"], runs[0]["n_train"], runs[0]["timings"]
+    if kind in ("ingest", "ingest-stored"):
         out["file_bytes"] = csv["bytes"]
         out["rows"] = csv["rows"]
         out["growth_x_file"] = out["growth"] / csv["bytes"]
@@ -366,8 +436,13 @@ def _line(kind: str, size: str, label: str, m: dict) -> str:
     if kind == "serving":
         extra = (f"; incremental refresh {m['incremental_seconds']:.2f} s; stats.user {m['per_user_ms']:.2f} ms; "
                  f"kept {m['events_kept']:,} of {m['events_counted']:,} events")
-    if kind == "ingest":
+    if kind in ("ingest", "ingest-stored"):
         extra = f"; growth {m['growth_x_file']:.1f}x the file, peak {m['peak_x_file']:.1f}x; {m['status']}"
+    if kind == "retrain":
+        extra = (f"; window {m['n_window']:,} events ({m['n_train']:,} train); read {m['read_seconds']:.1f} s, "
+                 f"peak after read {_mib(m['vmhwm_after_read'])}"
+                 + (f"; Ray processes' peak {_mib(m['ray_peak'])}" if m["ray_peak"] else "")
+                 + "; " + ", ".join(f"{k} {v:.1f} s" for k, v in m["timings"].items()))
     if kind == "monitor":
         extra = f"; reason {m['reason']}"
     return (f"| {kind} | {size} | {label} | {m['seconds']:.1f} s | {_mib(m['peak'])} | {_mib(m['after_imports'])} | "
@@ -385,6 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "recloop-bench-memory")
     ap.add_argument("--json", type=Path, default=None, help="write every run's figures here")
     ap.add_argument("--quick", action="store_true", help="20k events, a 4 MB file, one run (< 60 s)")
+    ap.add_argument("--window-days", type=float, default=None,
+                    help="retrain: settings.retrain.window_days (default None: the retrain reads everything stored)")
+    ap.add_argument("--engine", choices=("pandas", "ray"), default="pandas", help="retrain: the feature engine")
+    ap.add_argument("--fit-epochs", type=int, default=1, help="retrain: selection epochs (the refit follows)")
+    ap.add_argument("--fit-batches", type=int, default=0,
+                    help="retrain: only this many batches per fit, no ranker (Lightning fast_dev_run); 0 = off")
+    ap.add_argument("--retrain-timeout", type=float, default=4 * 3600)
     args = ap.parse_args(argv)
     if args.quick:
         args.events, args.runs, args.ingest_mb = [20_000], 1, 4.0
@@ -402,18 +484,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"store: {n:,} events, {doc['n_users']:,} users, {doc['n_items']:,} items (built in {doc['seconds']} s)",
               flush=True)
         csv = None
-        if "ingest" in kinds and n == args.events[-1]:
+        if ("ingest" in kinds and n == args.events[-1]) or "ingest-stored" in kinds:
             csv = build_landing_csv(args.workdir / f"landing-{args.ingest_mb:g}mb.csv", args.ingest_mb, doc["n_items"])
             csv["path"] = str(args.workdir / f"landing-{args.ingest_mb:g}mb.csv")
             print(f"landing CSV: {csv['bytes'] / 1e6:.0f} MB, {csv['rows']:,} rows", flush=True)
         for kind in kinds:
-            if kind == "ingest" and csv is None:
+            if kind == "ingest" and (csv is None or n != args.events[-1]):
                 continue
-            size = f"{args.ingest_mb:g} MB CSV" if kind == "ingest" else f"{n / 1e6:g}M events"
+            size = {"ingest": f"{args.ingest_mb:g} MB CSV",
+                    "ingest-stored": f"{args.ingest_mb:g} MB CSV into {n / 1e6:g}M events"}.get(kind, f"{n / 1e6:g}M events")
             runs = {label: [] for label, _ in trees}
             for r in range(args.runs):
                 for label, tree in trees:  # alternate: the same load for both
-                    res = measure(kind, tree, doc, args.workdir, csv)
+                    res = measure(kind, tree, doc, args.workdir, csv, args)
                     runs[label].append(res)
                     print(f"  {kind} {size} {label} run {r + 1}: {res['seconds']:.1f} s, peak {_mib(res['peak'])}, "
                           f"after imports {_mib(res['rss_after_imports'])}", flush=True)

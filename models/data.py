@@ -97,9 +97,13 @@ def encode_ids(values: pd.Series, vocab: dict[str, int]) -> np.ndarray:
 
 def example_tensors(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame, items: ItemIndex,
                     queries: dict[str, int], user_vocab: dict[str, int], history_len: int,
-                    prior: float, lag=None) -> dict[str, torch.Tensor]:
-    """Model inputs for ``rows``: ids, point-in-time history and wide statistics (events older than t - lag)."""
-    feats = point_in_time_features(rows, history, catalog, items.position, history_len, prior, lag=lag)
+                    prior: float, lag=None, features=None) -> dict[str, torch.Tensor]:
+    """Model inputs for ``rows``: ids, point-in-time history and wide statistics (events older than t - lag).
+
+    ``features``: what computes them (default :func:`point_in_time_features`; ``models.engine`` passes
+    its Ray implementation, same signature and results)."""
+    feats = (features or point_in_time_features)(rows, history, catalog, items.position, history_len, prior,
+                                                 lag=lag)
     q = clean_queries(rows["query"] if "query" in rows.columns else None, len(rows))
     return {
         "user": torch.as_tensor(encode_ids(rows["user_id"], user_vocab)),
@@ -146,10 +150,12 @@ class RecDataModule(pl.LightningDataModule):
     ``lag``: the label delay of the features (``pd.Timedelta``; None = 0). ``val_fraction=0``:
     no validation part, every event is a training example (the refit on the whole window).
     ``train_start`` / ``train_end``: the first and the newest event of the training part.
+    ``features``: the point-in-time feature function (default: :func:`point_in_time_features` in this
+    process; ``models.engine`` passes its Ray implementation).
     """
 
     def __init__(self, events: pd.DataFrame, catalog: pd.DataFrame, history_len: int = 20,
-                 val_fraction: float = 0.15, batch_size: int = 512, seed: int = 42, lag=None):
+                 val_fraction: float = 0.15, batch_size: int = 512, seed: int = 42, lag=None, features=None):
         super().__init__()
         self.events = validate_events(events)
         self.catalog = catalog
@@ -158,6 +164,7 @@ class RecDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.lag = pd.Timedelta(lag_ns(lag), unit="ns")
+        self.features = features
         self._built = False
 
     def setup(self, stage: str | None = None) -> None:
@@ -185,7 +192,7 @@ class RecDataModule(pl.LightningDataModule):
         self.tensors = {}
         for name, part in (("train", train), ("val", val)):
             t = example_tensors(part, history, self.catalog, self.items, self.queries, self.user_vocab,
-                                self.history_len, self.prior, lag=self.lag)
+                                self.history_len, self.prior, lag=self.lag, features=self.features)
             t["label"] = torch.as_tensor(part["label"].to_numpy(dtype=np.float32))
             self.tensors[name] = t
         self.n_train, self.n_val = len(train), len(val)

@@ -108,14 +108,16 @@ def lag_ns(lag) -> int:
 
 def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame,
                            item_index: dict[str, int], history_len: int = 20,
-                           prior: float | None = None, lag=None) -> PointInTimeFeatures:
+                           prior: float | None = None, lag=None, now=None) -> PointInTimeFeatures:
     """Features for ``rows`` (user_id, item_id, optional timestamp/query) from ``history`` before each row.
 
     ``item_index`` maps item ids to the indices stored in ``history_items`` (items not in it
     are dropped from histories). ``prior`` is the like-rate used for smoothing (default: the
     like-rate of ``history``). ``lag`` (``pd.Timedelta``; None or 0 = none): a row at time t
     only sees events with timestamp < t - lag (history items and every statistic alike);
-    rows without a timestamp still see all of ``history``.
+    rows without a timestamp still see all of ``history``. ``now``: the time a row without a timestamp
+    measures item age at (default: the latest ``history`` time); a partitioned engine
+    (:mod:`models.engine`) passes the whole window's latest time, since each partition sees only part of it.
     """
     for col in ("user_id", "item_id"):
         if col not in rows.columns:
@@ -128,6 +130,8 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
         prior = float(pd.to_numeric(history["label"]).mean()) if len(history) else 0.5
     prior = float(np.clip(prior, 0.01, 0.99))
     latest = pd.to_datetime(history["timestamp"].max(), utc=True) if len(history) else pd.NaT
+    if now is not None:
+        latest = pd.to_datetime(now, utc=True)
     ref_now = (latest if pd.notna(latest) else pd.Timestamp.now(tz="UTC")).value  # "now" for rows without a time
     # only events of the rows' users or items can matter: drop the rest first (exact, and it
     # makes a serving-style call - one user, a few hundred candidates - cheap on a large store)

@@ -137,17 +137,19 @@ class TextEncoder(nn.Module):
         self.model.train(was_training)
         return out
 
-    def encode_pretrained(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    def encode_pretrained(self, texts: list[str], batch_size: int = 128, encode=None) -> torch.Tensor:
         """:meth:`encode` with the **unchanged pretrained** weights, through a per-process cache keyed
         by the encoder folder's weight files (path, size, mtime) and ``max_tokens``: a replay or a
         scheduler running many frozen-mode retrains encodes each item text once. Only for encoders
-        loaded from ``path`` and never trained (frozen mode)."""
+        loaded from ``path`` and never trained (frozen mode). ``encode(texts, batch_size)``: what encodes the
+        texts not cached yet (default :meth:`encode`; ``models.engine`` passes Ray tasks that load the same
+        local weights)."""
         key = (str(self.path.resolve()), self.max_tokens,
                tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(self.path.glob("*.safetensors"))))
         cache = _TEXT_CACHE.setdefault(key, OrderedDict())
         missing = list(dict.fromkeys(t for t in texts if t not in cache))
         if missing:
-            vecs = self.encode(missing, batch_size)
+            vecs = (encode or self.encode)(missing, batch_size)
             for t, v in zip(missing, vecs):
                 cache[t] = v
         out = torch.stack([cache[t] for t in texts]) if texts else torch.zeros((0, self.dim))
@@ -237,7 +239,8 @@ class TwoTowerWide(nn.Module):
 class TextSource(nn.Module):
     """Text vectors of the item and query texts known at training time, by training mode.
 
-    * ``frozen``: every text encoded once (no grad); vectors are a buffer.
+    * ``frozen``: every text encoded once (no grad); vectors are a buffer. ``encode``: what encodes them
+      (default the encoder itself; ``models.engine.RayEngine.encode_texts`` in Ray tasks).
     * ``top_layers`` (k): the hidden states after the lower ``n - k`` layers are cached
       once; each step runs only the top ``k`` layers, on the unique texts of the batch.
     * ``full``: token ids cached; each step runs the whole encoder on the unique texts of
@@ -245,7 +248,7 @@ class TextSource(nn.Module):
     """
 
     def __init__(self, encoder: TextEncoder, mode: str, item_texts: list[str], query_texts: list[str],
-                 batch_size: int = 128):
+                 batch_size: int = 128, encode=None):
         super().__init__()
         self.kind, self.k = parse_mode(mode)
         self.encoder = encoder if self.kind != "frozen" else None
@@ -257,7 +260,8 @@ class TextSource(nn.Module):
         for name, texts in (("item", item_texts), ("query", query_texts)):
             texts = list(texts) or [""]
             if self.kind == "frozen":
-                self.register_buffer(f"{name}_vecs", encoder.encode_pretrained(texts, batch_size), persistent=False)
+                self.register_buffer(f"{name}_vecs", encoder.encode_pretrained(texts, batch_size, encode),
+                                     persistent=False)
                 continue
             ids, mask = encoder.tokenize(texts)
             self.register_buffer(f"{name}_mask", mask, persistent=False)

@@ -162,10 +162,14 @@ def train_candidate(settings, data: RetrainData):
     return trained, out
 
 
-def score_events(model, data: RetrainData) -> pd.DataFrame:
-    """Score the eval events point-in-time: history = events older than each event minus the feature lag."""
-    scores = model.score(data.eval[["user_id", "item_id", "query", "timestamp"]], data.events, data.catalog,
-                         lag=data.feature_lag)
+def score_events(model, data: RetrainData, engine=None) -> pd.DataFrame:
+    """Score the eval events point-in-time: history = events older than each event minus the feature lag.
+    ``engine`` (``models.engine``): where the scoring runs (default: this process)."""
+    rows = data.eval[["user_id", "item_id", "query", "timestamp"]]
+    if engine is None:
+        scores = model.score(rows, data.events, data.catalog, lag=data.feature_lag)
+    else:
+        scores = engine.score(model, rows, data.events, data.catalog, lag=data.feature_lag)
     scored = data.eval[["event_id", "user_id", "item_id", "label", "timestamp"]].copy()
     scored["score"] = np.asarray(scores, dtype=float)
     return scored
@@ -193,8 +197,14 @@ def _evaluation(settings, scored: pd.DataFrame, data: RetrainData, ranker=None):
 def evaluate_model(settings, model, data: RetrainData):
     """The model's :class:`~models.evaluate.Evaluation` on the eval events (candidate and champion alike)."""
     from models.catalog_eval import ModelRanker
+    from models.engine import feature_engine
 
-    return _evaluation(settings, score_events(model, data), data, ModelRanker(model, settings))
+    engine = feature_engine(settings)
+    try:
+        scored = score_events(model, data, None if engine.name == "pandas" else engine)
+    finally:
+        engine.close()
+    return _evaluation(settings, scored, data, ModelRanker(model, settings))
 
 
 def evaluate_baselines(settings, data: RetrainData) -> dict:

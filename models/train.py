@@ -18,6 +18,11 @@ in fine-tuning modes the encoder's initial weights are restored before the refit
 Features use the label delay ``settings.feature_lag`` (``models.features``): an example at
 time t only sees events older than t - lag, as a server does.
 
+The window's point-in-time features and the frozen encoder's catalog pass run on the engine
+``settings.services.engine`` names (:mod:`models.engine`): plain pandas in this process by default, Ray
+tasks on a cluster with ``"ray"`` (same results). Fine-tuned encoders are never sent to Ray: the tasks load
+the encoder's pretrained weights from its local path.
+
 The Lightning ``Trainer`` gets ``precision`` / ``accelerator`` / ``devices`` / ``strategy``
 from ``settings.training``; it writes nothing into the working directory (no loggers,
 no progress bars, its root is a temporary folder). The best weights by validation AUC
@@ -29,6 +34,7 @@ final weights travel the same way (:class:`FinalWeights`).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import tempfile
@@ -47,6 +53,7 @@ from models import _quiet  # noqa: F401  (before lightning is imported)
 from models.baselines import torch_threads
 from models.cf import CollabModel, category_counts
 from models.data import ItemIndex, RecDataModule
+from models.engine import PandasEngine, feature_engine
 from models.features import WIDE_COLUMNS
 from models.module import RecommenderModule, batch_logits, batch_queries
 from models.network import TextEncoder, TextSource, TwoTowerWide, default_encoder_path, parse_mode
@@ -329,7 +336,7 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
                       *, fast_dev_run: bool | int = False, max_epochs: int | None = None,
                       progress_bar: bool = False, run_dir: str | Path | None = None,
                       callbacks: list[Callback] | None = None, refit_full: bool | None = None,
-                      ranker: str | None = None) -> TrainedModel:
+                      ranker: str | None = None, engine=None) -> TrainedModel:
     """Train on ``events`` (a store window): choose the epoch count on the validation part, then
     (``refit_full``, default ``settings.retrain.refit_full``) refit on the whole window; see the module doc.
 
@@ -340,7 +347,28 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
 
     ``callbacks`` are added to both fits (the refit has no validation). ``users`` is accepted
     for the contract but never used as model input: group attributes are for fairness evaluation only.
+    ``engine``: where the window's features and the catalog pass run (default: ``feature_engine(settings)``,
+    stopped at the end when it started a local Ray instance).
     """
+    own = engine is None
+    engine = feature_engine(settings) if own else engine
+    try:
+        return _train(settings, events, catalog, engine, fast_dev_run=fast_dev_run, max_epochs=max_epochs,
+                      progress_bar=progress_bar, run_dir=run_dir, callbacks=callbacks, refit_full=refit_full,
+                      ranker=ranker)
+    finally:
+        if own:
+            engine.close()
+
+
+def _engine_kwargs(engine) -> dict:
+    """``RecDataModule`` keywords that route the window's features through ``engine`` (none for the
+    embedded pandas engine: the default path stays exactly as it was)."""
+    return {} if type(engine) is PandasEngine else {"features": engine.point_in_time_features}
+
+
+def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fast_dev_run, max_epochs,
+           progress_bar, run_dir, callbacks, refit_full, ranker) -> TrainedModel:
     cfg = settings.training
     kind, _ = parse_mode(cfg.mode)
     refit = bool(settings.retrain.refit_full if refit_full is None else refit_full)
@@ -351,13 +379,15 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
     t0 = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    dm = RecDataModule(events, catalog, cfg.history_len, cfg.val_fraction, cfg.batch_size, cfg.seed, lag=lag)
+    dm = RecDataModule(events, catalog, cfg.history_len, cfg.val_fraction, cfg.batch_size, cfg.seed, lag=lag,
+                       **_engine_kwargs(engine))
     dm.setup("fit")
     t_feat = time.perf_counter()
 
     encoder_path = Path(cfg.encoder_path) if cfg.encoder_path else default_encoder_path()
     encoder = TextEncoder(encoder_path, cfg.max_text_tokens)
-    texts = TextSource(encoder, cfg.mode, dm.items.texts, dm.query_texts)
+    encode = None if type(engine) is PandasEngine else (lambda t, bs: engine.encode_texts(encoder, t, bs))
+    texts = TextSource(encoder, cfg.mode, dm.items.texts, dm.query_texts, encode=encode)
     # fine-tuning changes the encoder in place: keep its starting weights for the refit
     initial_encoder = ({k: v.detach().clone() for k, v in encoder.model.state_dict().items()}
                        if refit and texts.trains_encoder else None)
@@ -388,9 +418,16 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
             timings["ranker"] = t_rank - t_fit
             t_fit = t_rank
         if refit:
+            # the selection run's tensors and event frames are not read again (the refit's module has its
+            # own): free them before the refit builds its own copies of the window
+            module = None
+            dm.tensors.clear()
+            dm.events = dm.train_events = None
+            gc.collect()
             # from scratch on train + validation: new vocabularies, prior, wide statistics; same texts
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
-            final_dm = RecDataModule(events, catalog, cfg.history_len, 0.0, cfg.batch_size, cfg.seed, lag=lag)
+            final_dm = RecDataModule(events, catalog, cfg.history_len, 0.0, cfg.batch_size, cfg.seed, lag=lag,
+                                     **_engine_kwargs(engine))
             final_dm.setup("fit")
             if final_dm.items.texts != dm.items.texts or final_dm.query_texts != dm.query_texts:
                 raise RuntimeError("the refit's item / query index differs from the selection run's")
