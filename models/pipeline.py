@@ -101,6 +101,18 @@ def _evidence_cut(events: pd.DataFrame, settings):
     return pd.Timestamp(ts[order[ok[0]]])
 
 
+def _newest_events_start(store, start, end, max_events: int | None):
+    """The window's start moved forward so that it holds at most ``max_events`` events (the newest; events
+    tied with the boundary's timestamp come along). Reads only the timestamp column."""
+    if max_events is None:
+        return start
+    ts = store.read(start=start, end=end, columns=["timestamp"])["timestamp"]
+    if len(ts) <= max_events:
+        return start
+    values = ts.to_numpy()
+    return pd.Timestamp(np.partition(values, len(values) - max_events)[len(values) - max_events])
+
+
 def prepare_retrain_data(settings, now=None, champion_trained_until=None) -> RetrainData:
     """Read the store, cut a time-ordered train / eval split (eval = the newest days).
 
@@ -115,6 +127,7 @@ def prepare_retrain_data(settings, now=None, champion_trained_until=None) -> Ret
         _, last = store.time_range()
         if last is not None:
             start = last - pd.Timedelta(days=cfg.window_days)
+    start = _newest_events_start(store, start, now, cfg.max_window_events)
     events = store.read(start=start, end=now)
     if len(events) < cfg.min_train_events:
         raise RetrainError(f"only {len(events)} events stored (need {cfg.min_train_events}): ingest more feedback first")

@@ -54,3 +54,12 @@ def test_the_grown_window_is_capped_by_max_eval_fraction(tmp_path):
 def test_without_a_user_minimum_the_window_is_the_newest_days(tmp_path):
     data, _ = _data(tmp_path, min_eval_users=0)
     assert data.eval["user_id"].nunique() == 18 and "grown" not in data.cut_reason  # 10 % of 60 days = 6 days
+
+
+def test_the_window_holds_at_most_max_window_events_newest_first(tmp_path):
+    data, ev = _data(tmp_path, max_window_events=1000, min_eval_users=0)
+    newest = ev.sort_values("timestamp").tail(1000)
+    assert len(data.events) == 1000  # no ties at this boundary in the sparse log
+    assert set(data.events["event_id"]) == set(newest["event_id"])
+    uncapped, _ = _data(tmp_path / "b", max_window_events=None, min_eval_users=0)
+    assert len(uncapped.events) == len(ev)
