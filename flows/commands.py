@@ -29,19 +29,33 @@ def demo(workspace: Path = WorkspaceOpt,
 def up(workspace: Path = WorkspaceOpt,
        background: bool = typer.Option(False, "--background", help="Start and return; stop with `recloop down`"),
        mlflow: bool = typer.Option(True, help="Start the MLflow UI server"),
-       serve: bool = typer.Option(True, help="Start the serving API")):
+       serve: bool = typer.Option(True, help="Start the serving API"),
+       services: bool = typer.Option(False, "--services",
+                                     help="Also start PostgreSQL + S3 (SeaweedFS) under <workspace>/services and run "
+                                          "Prefect, MLflow and recloop's state on them")):
     """Start Prefect server + deployments, MLflow server and the serving API on loopback.
 
+    With --services: PostgreSQL and SeaweedFS S3 first (data in <workspace>/services, passwords generated once
+    into secrets.json, mode 0600), Prefect and MLflow on PostgreSQL, MLflow artifacts in S3; prints the
+    settings a worker needs (written in full to <workspace>/services/worker.env).
     In the foreground, Ctrl-C, SIGTERM (docker stop, systemd) and SIGHUP stop every service.
     """
     from flows.stack import Stack, run_foreground
 
     s = settings_for(workspace)
-    stack = Stack(s, with_mlflow=mlflow, with_serving=serve)
+    try:
+        stack = Stack(s, with_mlflow=mlflow, with_serving=serve, with_services=services)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
     def started(st) -> None:
         table("recloop is up", ["service", "url"], [[k, v] for k, v in st.urls().items()])
         print(f"logs: {st.log_dir}")
+        if st.backing is not None:
+            env_file = st.backing.write_worker_env(with_mlflow=mlflow)
+            print(f"worker settings (all of them, secrets included, in {env_file}; `set -a; . {env_file}`):")
+            for key, value in st.backing.printable_env(with_mlflow=mlflow).items():
+                print(f"  {key}={value}")
 
     if background:
         with terminate_like_ctrl_c():  # a signal while starting still stops what has started

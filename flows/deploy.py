@@ -26,32 +26,37 @@ ENTRYPOINTS = {"ingest": "flows/ingest.py:ingest_flow", "monitor": "flows/monito
                "retrain": "flows/retrain.py:retrain_flow"}
 
 
-def deployment_specs(settings) -> dict[str, dict]:
-    """name -> keyword arguments shared by ``flow.to_deployment`` and ``flow.deploy``."""
+def deployment_specs(settings, pin_workspace: bool = True) -> dict[str, dict]:
+    """name -> keyword arguments shared by ``flow.to_deployment`` and ``flow.deploy``.
+
+    ``pin_workspace=False``: the runs carry no workspace parameter, so each worker runs in its own
+    (``RECLOOP_WORKSPACE``): share-nothing workers on other machines, sharing only the services.
+    """
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
     ws = str(settings.root)
+    params = {"workspace": ws} if pin_workspace else {}
     resource = f"recloop.workspace.{settings.root.name}"
     return {
         "ingest": {
-            "cron": settings.ingest_cron, "parameters": {"workspace": ws}, "tags": ["recloop", "ingest"],
+            "cron": settings.ingest_cron, "parameters": dict(params), "tags": ["recloop", "ingest"],
             "description": "Validate every new landing file with Great Expectations; store good rows, quarantine bad "
                         "batches with reasons.",
         },
         "monitor": {
-            "cron": settings.monitor_cron, "parameters": {"workspace": ws}, "tags": ["recloop", "monitor"],
+            "cron": settings.monitor_cron, "parameters": dict(params), "tags": ["recloop", "monitor"],
             "description": "Evidently drift (data, target, prediction) and live AUC of the champion; emits "
                         f"{DRIFT_DETECTED} when a retrain is due.",
         },
         "retrain": {
-            "parameters": {"workspace": ws}, "tags": ["recloop", "retrain"], "concurrency_limit": 1,
+            "parameters": dict(params), "tags": ["recloop", "retrain"], "concurrency_limit": 1,
             "description": "Train a candidate, judge it against the champion on AUC and fairness gates, promote or "
                         "reject. Triggered by drift events.",
             "triggers": [DeploymentEventTrigger(
                 name=f"retrain on drift ({settings.root.name})",
                 expect={DRIFT_DETECTED},
                 match={"prefect.resource.id": resource},
-                parameters={"workspace": ws, "reason": "{{ event.payload.reason }}",
+                parameters={**params, "reason": "{{ event.payload.reason }}",
                             "drift_report": "{{ event.payload.report_path }}"},
             )],
         },
@@ -72,11 +77,16 @@ def build_deployments(settings):
 
 
 def deploy_to_work_pool(settings, pool: str) -> list[str]:
-    """Register the same deployments on a process work pool (code loaded from this checkout)."""
+    """Register the same deployments on a process work pool (code loaded from this checkout).
+
+    With the services backend (``services.database_url``) the workspace is not pinned: workers share
+    nothing but the services, each in its own workspace. Without it, workers share this workspace folder.
+    """
     from prefect import Flow
 
     ids = []
-    for name, kw in deployment_specs(settings).items():
+    pin = settings.services.database_url is None
+    for name, kw in deployment_specs(settings, pin_workspace=pin).items():
         flow = Flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINTS[name])
         ids.append(str(flow.deploy(name=name, work_pool_name=pool, build=False, push=False, print_next_steps=False,
                                    **kw)))

@@ -35,6 +35,15 @@ def test_three_deployments_with_schedules_and_trigger(settings):
         assert "recloop" in d.tags and d.description
 
 
+def test_share_nothing_deployments_leave_the_workspace_to_each_worker(settings):
+    from flows.deploy import deployment_specs
+
+    specs = deployment_specs(settings, pin_workspace=False)
+    assert all("workspace" not in spec["parameters"] for spec in specs.values())
+    (trigger,) = specs["retrain"]["triggers"]
+    assert "workspace" not in trigger.parameters and "reason" in trigger.parameters
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
