@@ -84,8 +84,8 @@ class RetrainSettings(BaseModel):
     # users: the gates resample users, and a few days of a sparse log can hold only a few dozen of them
     min_eval_users: int = Field(100, ge=0)
     window_days: float | None = None  # train on the newest N days only (None: everything stored)
-    # ... and on at most this many newest events (None: no cap). Memory: a retrain's peak is about
-    # 0.75 GB + 2.8 KB per window event (bench_memory), so 1.5M events stay under 6 GB per process
+    # ... and on at most this many newest events (None: no cap). Memory grows with the window: a 1.5M-event
+    # window of a 10M-event store peaked at 9.6 GB (bench_memory, RESULTS "Memory at 10 million events")
     max_window_events: int | None = Field(1_500_000, ge=1)
     min_train_events: int = 500
     refit_full: bool = True  # after choosing the epoch count on validation, refit on train + validation
