@@ -75,11 +75,17 @@ def test_the_cluster_has_two_nodes(engine):
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 2 and ray.cluster_resources()["CPU"] == 2
 
-    @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=1)
     def node_of_task():
         return ray.get_runtime_context().get_node_id()
 
-    assert len(set(ray.get([node_of_task.remote() for _ in range(4)]))) == 2  # both nodes run tasks
+    # both nodes run tasks: one pinned to each (SPREAD is best effort and may reuse a node whose task ended)
+    ids = [n["NodeID"] for n in nodes]
+    ran_on = ray.get([node_of_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(i, soft=False)).remote()
+                      for i in ids])
+    assert ran_on == ids
 
 
 def test_window_features_equal_the_embedded_path(engine, world):
