@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.features import WIDE_COLUMNS, PointInTimeFeatures, point_in_time_features
+from models.features import WIDE_COLUMNS, PointInTimeFeatures, check_feature_inputs, point_in_time_features
 
 ITEM_COLUMNS = tuple(WIDE_COLUMNS.index(c) for c in ("item_like_rate", "item_log_count"))  # read from the item pass
 ROWS_PER_TASK = 200_000  # default partition size (rows) when the cluster has few CPUs
@@ -139,12 +139,7 @@ class PartitionedEngine:
     def point_in_time_features(self, rows, history, catalog, item_index, history_len=20, prior=None,
                                lag=None) -> PointInTimeFeatures:
         """Equal to :func:`point_in_time_features` over the same inputs; two hash-partitioned passes."""
-        for col in ("user_id", "item_id"):
-            if col not in rows.columns:
-                raise ValueError(f"rows need a {col!r} column")
-        missing = {"user_id", "item_id", "label", "timestamp"} - set(history.columns)
-        if missing:
-            raise ValueError(f"history is missing columns {sorted(missing)}")
+        check_feature_inputs(rows, history)
         rows = rows.reset_index(drop=True)
         history = history.reset_index(drop=True)
         n = len(rows)

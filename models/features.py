@@ -106,6 +106,16 @@ def lag_ns(lag) -> int:
     return int(value.value)
 
 
+def check_feature_inputs(rows: pd.DataFrame, history: pd.DataFrame) -> None:
+    """The columns :func:`point_in_time_features` needs, with a clear error (every engine checks the same)."""
+    for col in ("user_id", "item_id"):
+        if col not in rows.columns:
+            raise ValueError(f"rows need a {col!r} column")
+    missing = {"user_id", "item_id", "label", "timestamp"} - set(history.columns)
+    if missing:
+        raise ValueError(f"history is missing columns {sorted(missing)}")
+
+
 def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame,
                            item_index: dict[str, int], history_len: int = 20,
                            prior: float | None = None, lag=None, now=None) -> PointInTimeFeatures:
@@ -119,12 +129,7 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     measures item age at (default: the latest ``history`` time); a partitioned engine
     (:mod:`models.engine`) passes the whole window's latest time, since each partition sees only part of it.
     """
-    for col in ("user_id", "item_id"):
-        if col not in rows.columns:
-            raise ValueError(f"rows need a {col!r} column")
-    missing = {"user_id", "item_id", "label", "timestamp"} - set(history.columns)
-    if missing:
-        raise ValueError(f"history is missing columns {sorted(missing)}")
+    check_feature_inputs(rows, history)
     rows = rows.reset_index(drop=True)
     if prior is None:
         prior = float(pd.to_numeric(history["label"]).mean()) if len(history) else 0.5
