@@ -308,7 +308,7 @@ out = models.train.train_recommender(s, data.train, data.catalog, data.users,
 sec = time.perf_counter() - t0
 print("RESULT " + json.dumps({"seconds": sec, "read_seconds": t_read, "rss_after_imports": base,
       "vmhwm": status("VmHWM"), "vmhwm_after_read": peak_read, "n_window": len(data.events),
-      "n_train": len(data.train), "timings": out.timings, "ray_peak": RAY_PEAK[0]}))
+      "n_train": len(data.train), "timings": out.timings, "peak_mib": out.peak_mib, "ray_peak": RAY_PEAK[0]}))
 """
 
 RAY_PROBE = r"""
@@ -352,7 +352,10 @@ def run_child(tree: Path, body: str, args: dict, timeout: float = 1800) -> dict:
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"child failed (exit {proc.returncode}):\n{err[-3000:]}")
     res = json.loads(line[len("RESULT "):])
-    res["peak"] = res["vmhwm"]  # the child's own high-water mark (VmHWM / ru_maxrss), imports included
+    # the child's own high-water mark (VmHWM / ru_maxrss), imports included; a retrain resets it per phase
+    # (recloop.memory.PhasePeaks), so its peak is the largest of the phases' and the read's
+    res["peak"] = max([res["vmhwm"], res.get("vmhwm_after_read", 0)]
+                      + [v * 2**20 for v in res.get("peak_mib", {}).values()])
     res["wall"] = wall
     return res
 
@@ -419,6 +422,7 @@ def summarise(kind: str, runs: list[dict], csv: dict | None = None) -> dict:
         for key in ("read_seconds", "vmhwm_after_read", "ray_peak"):
             out[key] = _median(runs, key)
         out["n_window"], out["n_train"], out["timings"] = runs[0]["n_window"], runs[0]["n_train"], runs[0]["timings"]
+        out["peak_mib"] = runs[0].get("peak_mib", {})
     if kind in ("ingest", "ingest-stored"):
         out["file_bytes"] = csv["bytes"]
         out["rows"] = csv["rows"]
@@ -442,7 +446,8 @@ def _line(kind: str, size: str, label: str, m: dict) -> str:
         extra = (f"; window {m['n_window']:,} events ({m['n_train']:,} train); read {m['read_seconds']:.1f} s, "
                  f"peak after read {_mib(m['vmhwm_after_read'])}"
                  + (f"; Ray processes' peak {_mib(m['ray_peak'])}" if m["ray_peak"] else "")
-                 + "; " + ", ".join(f"{k} {v:.1f} s" for k, v in m["timings"].items()))
+                 + "; " + ", ".join(f"{k} {v:.1f} s" for k, v in m["timings"].items())
+                 + "; peak per phase " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in m["peak_mib"].items()))
     if kind == "monitor":
         extra = f"; reason {m['reason']}"
     return (f"| {kind} | {size} | {label} | {m['seconds']:.1f} s | {_mib(m['peak'])} | {_mib(m['after_imports'])} | "

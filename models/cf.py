@@ -61,6 +61,7 @@ KNN_SHRINK = 20.0  # support shrinkage of the cosine: s * c / (c + shrink), c = 
 CF_COLUMNS: tuple[str, ...] = ("cat_like_rate", "cat_log_count", "text_prior", "cf_rate", "cf_log_support",
                                "stats_logit", "knn_resid", "knn_log_weight")
 MAX_PAIRS = 30_000_000  # co-occurrence pairs kept at most (the ones with the most support)
+BLOCK_CELLS = 16_000_000  # item x item cells per block of the co-occurrence products (memory bound)
 
 
 def category_counts(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame, lag=None):
@@ -160,24 +161,7 @@ class CollabModel:
         liked = sparse.csr_matrix((labels.astype(np.float64), (u_code, i_code)), shape=(nu, ni))
         liked.data = (liked.data > 0).astype(np.float64)
         liked.eliminate_zeros()
-        k_mat = (liked.T @ liked).tocoo()
-        n_mat = (liked.T @ a).tocsr()
-        n_coo = n_mat.tocoo()
-        keys = n_coo.row.astype(np.int64) * ni + n_coo.col.astype(np.int64)
-        nn = n_coo.data.astype(np.float64)
-        off_diag = n_coo.row != n_coo.col
-        keys, nn = keys[off_diag], nn[off_diag]
-        if len(keys) > max_pairs:  # keep the best-supported pairs (deterministic: stable by key)
-            keep = np.sort(np.argsort(-nn, kind="stable")[:max_pairs])
-            keys, nn = keys[keep], nn[keep]
-        order = np.argsort(keys, kind="stable")
-        keys, nn = keys[order], nn[order]
-        k_keys = k_mat.row.astype(np.int64) * ni + k_mat.col.astype(np.int64)
-        kk = np.zeros(len(keys))
-        if len(k_keys) and len(keys):
-            idx = np.clip(np.searchsorted(keys, k_keys), 0, len(keys) - 1)
-            hit = keys[idx] == k_keys
-            np.add.at(kk, idx[hit], k_mat.data[hit])
+        keys, nn, kk = _pair_counts(liked, a, max_pairs)
         # text head: ridge from the item's text vector to its smoothed like-rate log-odds
         cnt = np.bincount(i_code, minlength=ni).astype(np.float64)
         pos = np.bincount(i_code, weights=labels, minlength=ni)
@@ -187,7 +171,7 @@ class CollabModel:
         head = _logistic(wide, labels) if wide is not None else (None, None, None, 0.0)
         sim_keys, sim = _knn_similarity(a, KNN_NEIGHBOURS, KNN_SHRINK)
         item_rate = ((pos + SMOOTHING * prior) / (cnt + SMOOTHING)).astype(np.float32)
-        return cls(item_ids, keys, kk.astype(np.float32), nn.astype(np.float32), w.astype(np.float32), float(b),
+        return cls(item_ids, keys, kk, nn, w.astype(np.float32), float(b),
                    prior, *head, sim_keys=sim_keys, sim=sim, item_rate=item_rate)
 
     # ---------------------------------------------------------------- features
@@ -289,24 +273,82 @@ class CollabModel:
                    float(meta.get("wide_b", 0.0)), t.get("sim_keys"), t.get("sim"), t.get("item_rate"))
 
 
+def _item_blocks(n_items: int, cells: int = BLOCK_CELLS):
+    """Row blocks of an item x item product, each at most ``cells`` cells when dense: the co-occurrence
+    counts are built block by block, so their peak memory is bounded by the block, not by the catalog
+    squared (a 20,000-item catalog: 800 items a block)."""
+    step = max(1, cells // max(n_items, 1))
+    for start in range(0, n_items, step):
+        yield start, min(n_items, start + step)
+
+
+def _top_pairs(keys: np.ndarray, support: np.ndarray, limit: int) -> np.ndarray:
+    """Positions of the ``limit`` best-supported pairs (ties: the smaller key), in key order."""
+    if len(keys) <= limit:
+        return np.arange(len(keys))
+    return np.sort(np.lexsort((keys, -support))[:limit])
+
+
+def _pair_counts(liked, had, max_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted keys p * n_items + c, float32 N, float32 K) of the off-diagonal pairs with N > 0, where
+    N[p, c] = users who liked p and had an event on c, K[p, c] = users who liked both; at most
+    ``max_pairs`` pairs (the best-supported), computed in item blocks (:func:`_item_blocks`)."""
+    ni = had.shape[1]
+    liked_cols = liked.tocsc()
+    keys, nn, kk = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)
+    for b0, b1 in _item_blocks(ni):
+        rows = liked_cols[:, b0:b1].T.tocsr()
+        n_blk = (rows @ had).tocoo()
+        k_blk = (rows @ liked).tocoo()
+        bk = (n_blk.row.astype(np.int64) + b0) * ni + n_blk.col.astype(np.int64)
+        bn = n_blk.data.astype(np.float32)
+        off = (n_blk.row.astype(np.int64) + b0) != n_blk.col
+        bk, bn = bk[off], bn[off]
+        order = np.argsort(bk, kind="stable")
+        bk, bn = bk[order], bn[order]
+        bkk = np.zeros(len(bk), dtype=np.float32)
+        k_keys = (k_blk.row.astype(np.int64) + b0) * ni + k_blk.col.astype(np.int64)
+        if len(k_keys) and len(bk):  # K's cells are a subset of N's (liked implies had an event)
+            idx = np.clip(np.searchsorted(bk, k_keys), 0, len(bk) - 1)
+            hit = bk[idx] == k_keys
+            np.add.at(bkk, idx[hit], k_blk.data[hit].astype(np.float32))
+        del n_blk, k_blk, rows
+        keys, nn, kk = np.concatenate([keys, bk]), np.concatenate([nn, bn]), np.concatenate([kk, bkk])
+        if len(keys) > max_pairs:  # the best of (kept so far + this block) = the best of everything so far
+            keep = _top_pairs(keys, nn, max_pairs)
+            keys, nn, kk = keys[keep], nn[keep], kk[keep]
+    return keys, nn, kk
+
+
 def _knn_similarity(had, neighbours: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     """Item-item cosine of the users x items 0/1 matrix ``had``, times c / (c + shrink) (c = co-users),
-    the ``neighbours`` largest per item: (sorted keys p * n_items + c, float32 similarities)."""
+    the ``neighbours`` largest per item: (sorted keys p * n_items + c, float32 similarities). Computed in
+    item blocks (:func:`_item_blocks`): each item's neighbours only depend on its own row of the product."""
     ni = had.shape[1]
-    co = (had.T @ had).tocoo()
-    off = co.row != co.col
-    r, c, v = co.row[off].astype(np.int64), co.col[off].astype(np.int64), co.data[off].astype(np.float64)
-    if not len(v):
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
     d = np.sqrt(np.asarray(had.sum(axis=0)).reshape(-1).astype(np.float64))
-    s = v / (d[r] * d[c]) * (v / (v + shrink))
-    order = np.lexsort((c, -s, r))  # per item: most similar first (ties by neighbour id: deterministic)
-    r, c, s = r[order], c[order], s[order]
-    first = np.searchsorted(r, r, side="left")
-    keep = (np.arange(len(r)) - first) < neighbours
-    keys = r[keep] * ni + c[keep]
+    had_cols = had.tocsc()
+    out_keys, out_sim = [], []
+    for b0, b1 in _item_blocks(ni):
+        co = (had_cols[:, b0:b1].T.tocsr() @ had).tocoo()
+        r = co.row.astype(np.int64) + b0
+        c, v = co.col.astype(np.int64), co.data.astype(np.float64)
+        del co
+        off = r != c
+        r, c, v = r[off], c[off], v[off]
+        if not len(v):
+            continue
+        s = v / (d[r] * d[c]) * (v / (v + shrink))
+        order = np.lexsort((c, -s, r))  # per item: most similar first (ties by neighbour id: deterministic)
+        r, c, s = r[order], c[order], s[order]
+        first = np.searchsorted(r, r, side="left")
+        keep = (np.arange(len(r)) - first) < neighbours
+        out_keys.append(r[keep] * ni + c[keep])
+        out_sim.append(s[keep].astype(np.float32))
+    if not out_keys:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    keys, sim = np.concatenate(out_keys), np.concatenate(out_sim)
     o = np.argsort(keys, kind="stable")
-    return keys[o], s[keep][o].astype(np.float32)
+    return keys[o], sim[o]
 
 
 def _logistic(x: np.ndarray, y: np.ndarray):

@@ -59,6 +59,7 @@ from models.module import RecommenderModule, batch_logits, batch_queries
 from models.network import TextEncoder, TextSource, TwoTowerWide, default_encoder_path, parse_mode
 from models.ranker import BLEND_COLUMNS, FUSION_COLUMNS, MIN_ROWS, Ranker, ranker_matrix
 from models.recommender import Recommender, _cosine, model_config
+from recloop.memory import PhasePeaks
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TrainedModel:
     train_start: pd.Timestamp | None = None  # the first event the model depends on
     train_end: pd.Timestamp | None = None  # the newest event it depends on (fit or epoch selection)
     timings: dict = field(default_factory=dict)  # seconds per phase: features, encode, fit[, refit_features, refit]
+    peak_mib: dict = field(default_factory=dict)  # peak RSS per phase, same names (recloop.memory.PhasePeaks)
     epochs_chosen: int = 0  # best epoch (1-based) of the selection run: the refit's epoch count
     refit_full: bool = False  # the model was refit on train + validation
     feature_lag: pd.Timedelta = field(default_factory=lambda: pd.Timedelta(0))
@@ -377,12 +379,14 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
     lag = settings.feature_lag
     _quiet_lightning()
     t0 = time.perf_counter()
+    peaks = PhasePeaks()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = RecDataModule(events, catalog, cfg.history_len, cfg.val_fraction, cfg.batch_size, cfg.seed, lag=lag,
                        **_engine_kwargs(engine))
     dm.setup("fit")
     t_feat = time.perf_counter()
+    peaks.mark("features")
 
     encoder_path = Path(cfg.encoder_path) if cfg.encoder_path else default_encoder_path()
     encoder = TextEncoder(encoder_path, cfg.max_text_tokens)
@@ -392,6 +396,7 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
     initial_encoder = ({k: v.detach().clone() for k, v in encoder.model.state_dict().items()}
                        if refit and texts.trains_encoder else None)
     t_enc = time.perf_counter()
+    peaks.mark("encode")
 
     module = _new_module(cfg, encoder, texts, dm)
     selection_epochs = max_epochs or cfg.max_epochs
@@ -406,6 +411,7 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
         history = json.loads(best.history_path.read_text()) if best.history_path.is_file() else best.history
         epochs_chosen, best_auc = _chosen_epochs(history)
         t_fit = time.perf_counter()
+        peaks.mark("fit")
         timings.update(features=t_feat - t0, encode=t_enc - t_feat, fit=t_fit - t_enc)
         fitted_ranker, ranker_info = None, None
         if ranker and dm.n_val >= MIN_ROWS and dm.val_events["label"].nunique() == 2 and not fast_dev_run:
@@ -416,6 +422,7 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
                                                     cfg.fusion_columns, cfg.blend_towers)
             t_rank = time.perf_counter()
             timings["ranker"] = t_rank - t_fit
+            peaks.mark("ranker")
             t_fit = t_rank
         if refit:
             # the selection run's tensors and event frames are not read again (the refit's module has its
@@ -432,6 +439,7 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
             if final_dm.items.texts != dm.items.texts or final_dm.query_texts != dm.query_texts:
                 raise RuntimeError("the refit's item / query index differs from the selection run's")
             t_feat2 = time.perf_counter()
+            peaks.mark("refit_features")
             if initial_encoder is not None:
                 encoder.model.load_state_dict(initial_encoder)
             module = _new_module(cfg, encoder, texts, final_dm)
@@ -441,6 +449,7 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
             if final.weights_path.is_file():
                 load_trainable_state(module, final.weights_path)
             timings.update(refit_features=t_feat2 - t_fit, refit=time.perf_counter() - t_feat2)
+            peaks.mark("refit")
         elif best.weights_path.is_file():
             load_trainable_state(module, best.weights_path)
 
@@ -487,7 +496,8 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
                 ranker_info["refit_rows"] = len(y)
         model.ranker = fitted_ranker
         timings["collab_refit"] = time.perf_counter() - t_c
+        peaks.mark("collab_refit")
     return TrainedModel(model=model, history=history, seconds=time.perf_counter() - t0, n_train=final_dm.n_train,
                         n_val=dm.n_val, best_val_auc=best_auc, train_start=dm.window_start,
-                        train_end=dm.window_end, timings=timings, epochs_chosen=epochs_chosen, refit_full=refit,
+                        train_end=dm.window_end, timings=timings, peak_mib=peaks.mib, epochs_chosen=epochs_chosen, refit_full=refit,
                         feature_lag=lag, ranker=ranker_info)
