@@ -61,7 +61,7 @@ KNN_SHRINK = 20.0  # support shrinkage of the cosine: s * c / (c + shrink), c = 
 CF_COLUMNS: tuple[str, ...] = ("cat_like_rate", "cat_log_count", "text_prior", "cf_rate", "cf_log_support",
                                "stats_logit", "knn_resid", "knn_log_weight")
 MAX_PAIRS = 30_000_000  # co-occurrence pairs kept at most (the ones with the most support)
-BLOCK_CELLS = 16_000_000  # item x item cells per block of the co-occurrence products (memory bound)
+BLOCK_CELLS = 4_000_000  # item x item cells per block of the co-occurrence products (memory bound)
 
 
 def category_counts(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame, lag=None):

@@ -13,8 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("usearch")
-
 from serving.ann import AnnParams
 from serving.index import ItemIndex
 

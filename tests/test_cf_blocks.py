@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import models.cf as cf
+from models import cf
 
 
 def _events(seed: int = 0, n: int = 4000) -> pd.DataFrame:

@@ -13,8 +13,6 @@ import json
 import pandas as pd
 import pytest
 
-pytest.importorskip("pyiceberg")
-
 from recloop.iceberg_store import IcebergFeedbackStore, sqlalchemy_url
 from recloop.store import FeedbackStore
 

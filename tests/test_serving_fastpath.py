@@ -147,7 +147,7 @@ def test_models_without_the_fast_path_still_work(settings):
 
 
 def test_server_caps_blas_threads_like_torch(settings):
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl  # scikit-learn's dependency
     from fastapi.testclient import TestClient
 
     from serving.app import create_app

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from recloop.store import FeedbackStore
-
-pytest.importorskip("models.features")
 
 T0 = pd.Timestamp("2026-02-02T00:00:00Z")
 TAIL_POSITIVES = 6  # small, so the heavy user's history goes far beyond it

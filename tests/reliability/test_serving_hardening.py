@@ -283,7 +283,7 @@ def test_serve_help_offers_token_and_insecure(tmp_path, monkeypatch):
 
 
 def test_compose_example_guards_mlflow_and_prefect_with_secrets_from_the_environment():
-    yaml = pytest.importorskip("yaml")
+    import yaml  # PyYAML: installed with prefect and mlflow
     text = (REPO / "deploy" / "docker-compose.yml").read_text()
     doc = yaml.safe_load(text)
     services = doc["services"]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -16,8 +17,6 @@ from hypothesis import strategies as st
 
 from tests.conftest_serving import world  # noqa: F401  (fixture)
 from tests.reliability.test_serving_hardening import LOCAL, event, make_app, nothing_written
-
-schemathesis = pytest.importorskip("schemathesis")
 
 EXAMPLES = 30  # per operation, valid and invalid requests
 

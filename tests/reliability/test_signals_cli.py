@@ -18,9 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-
-psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 120  # upper bound for a busy machine; the tests do not assert on time

@@ -52,7 +52,8 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="session")
 def postgres(services_tmp):
     """A real PostgreSQL 15 on 127.0.0.1 (SCRAM auth, random password) for the whole session."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'psycopg[binary]')")
+    import psycopg  # noqa: F401  (a dev dependency: missing = an error, not a skip)
+
     from recloop.services import ServiceUnavailable, postgres_bin_dir, start_postgres
 
     try:
@@ -67,7 +68,8 @@ def postgres(services_tmp):
 @pytest.fixture(scope="session")
 def s3_server(services_tmp):
     """A real SeaweedFS S3 gateway on 127.0.0.1 (signed requests only, random keys) for the session."""
-    pytest.importorskip("boto3", reason="boto3 is not installed")
+    import boto3  # noqa: F401  (a dev dependency)
+
     from recloop.services import ServiceUnavailable, start_s3, weed_binary
 
     try:

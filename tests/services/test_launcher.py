@@ -81,7 +81,6 @@ def _group(proc) -> list[psutil.Process]:
 def test_restart_keeps_data_and_stop_leaves_no_process(postgres, s3_server):
     """Data and credentials survive a restart (``recloop up --services`` relies on it); a cluster is
     not reopened without its password; after ``stop()`` no server process is left."""
-    pytest.importorskip("psycopg")
     import psycopg
 
     from recloop.services import start_postgres, start_s3

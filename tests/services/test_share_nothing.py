@@ -31,7 +31,7 @@ from tests.conftest import permissive_toml, small_world_config
 from tests.services.conftest import services_fields
 
 pytestmark = pytest.mark.slow
-pytest.importorskip("pyiceberg")
+import pyiceberg  # noqa: F401  (a dev dependency: missing = an error, not a skip)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
