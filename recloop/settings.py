@@ -85,7 +85,7 @@ class RetrainSettings(BaseModel):
     min_eval_users: int = Field(100, ge=0)
     window_days: float | None = None  # train on the newest N days only (None: everything stored)
     # ... and on at most this many newest events (None: no cap). Memory grows with the window: a 1.5M-event
-    # window of a 10M-event store peaked at 9.6 GB (bench_memory, RESULTS "Memory at 10 million events")
+    # window of a 10M-event store peaks at 4.9 GB (bench_memory, RESULTS "Memory at 10 million events")
     max_window_events: int | None = Field(1_500_000, ge=1)
     min_train_events: int = 500
     refit_full: bool = True  # after choosing the epoch count on validation, refit on train + validation
