@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_ann.py                 # 1,000,000 items (the issue's target size)
     .venv/bin/python benchmarks/bench_ann.py --quick         # 50,000 items: checks the code path works
+    .venv/bin/python benchmarks/bench_ann.py --served /tmp/recloop-bench-serving-1m   # a served model's vectors
 
 What it measures, on ``--items`` unit vectors at the model's item-vector dimension
 (``training.embed_dim``, 128) through the code serving uses (``serving.index.ItemIndex.with_ann`` /
@@ -167,6 +168,54 @@ def run(n_items: int, dim: int, kind: str, n_queries: int, efs: list[int], param
     }
 
 
+def run_served(workdir: Path, n_queries: int, efs: list[int], k: int = 100) -> dict:
+    """Recall@``k`` of the graph ``bench_serving.py`` built for its catalog, on that model's own vectors:
+    the item-tower vectors of the served catalog and user-tower vectors of stored users as queries (what
+    ``/recommend`` searches with). The graph is loaded from where the server saved it (built if missing)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_serving import _settings
+
+    from recloop.store import FeedbackStore
+    from serving.ann import AnnParams
+    from serving.index import ItemIndex
+    from serving.lifecycle import LocalDirModelSource
+    from serving.storeview import StoreView
+
+    settings = _settings(workdir)
+    source = LocalDirModelSource(workdir / "model")
+    version = source.current_version()
+    model, _ = source.load(version)
+    store = FeedbackStore.from_settings(settings)
+    data = StoreView(store).data
+    catalog = data.catalog.reset_index()
+    t0 = time.perf_counter()
+    index = ItemIndex.build(model, catalog)
+    vectors_s = time.perf_counter() - t0
+    params = AnnParams.from_settings(settings)
+    t0 = time.perf_counter()
+    served = index.with_ann(params, directory=source.index_dir(version),
+                            model_stamp=f"{version}@{model.config.get('saved_at')}")
+    if served.ann is None:
+        raise SystemExit(f"{len(index)} items, below serving.ann_min_items ({params.min_items}): no graph")
+    ann_s, how = time.perf_counter() - t0, served.ann.how
+    history = store.read()
+    users = history["user_id"].astype(str).drop_duplicates().sample(frac=1.0, random_state=0).head(n_queries)
+    queries = model.user_vectors(users.tolist(), history, catalog).astype(np.float32)
+    truth = exact_top(index.vectors, queries, k)
+    recall = {}
+    for ef in efs:
+        hits = sum(len(np.intersect1d(served.ann.search(index.vectors, q, k, ef=ef)[0], want))
+                   for q, want in zip(queries, truth))
+        recall[str(ef)] = round(hits / (k * len(queries)), 4)
+    sims = np.sort(queries[:100] @ index.vectors.T, axis=1)[:, ::-1]
+    profile = {str(r): round(float(sims[:, r - 1].mean()), 3) for r in (1, 50, 100, 150, 300)}
+    return {"bench": "ann-served", "items": len(index), "dim": index.dim, "queries": len(queries),
+            "graph": how, "graph_seconds": round(ann_s, 1), "item_vectors_seconds": round(vectors_s, 1),
+            "params": params.graph_fields(), "ef_search": params.ef_search,
+            "recall_at_100": recall, "neighbour_cosine_profile": profile,
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
 def main(argv=None) -> None:
     from serving.ann import AnnParams
 
@@ -184,7 +233,13 @@ def main(argv=None) -> None:
     ap.add_argument("--ef-search", type=int, default=None, help="the serving default to report")
     ap.add_argument("--threads", type=int, default=None, help="build threads (default: all cores)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "recloop-bench-ann")
+    ap.add_argument("--served", type=Path, default=None,
+                    help="a bench_serving.py --workdir: recall on that served model's item and user vectors")
     args = ap.parse_args(argv)
+    if args.served is not None:
+        efs = [int(x) for x in args.ef.split(",")] if args.ef else [128, 256, 512]
+        print(json.dumps(run_served(args.served, args.queries, efs)), flush=True)
+        return
     if args.quick:
         args.items, args.queries = 50_000, 300
     d = AnnParams()
