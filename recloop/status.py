@@ -37,10 +37,8 @@ def workspace_status(settings) -> dict:
 def _model_versions(settings) -> list[dict]:
     if settings.tracking_uri.startswith("sqlite:///") and not (settings.root / "mlflow.db").exists():
         return []
-    try:
-        from mlflow import MlflowClient
-    except ImportError:  # pragma: no cover
-        return []
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     try:
         versions = client.search_model_versions(f"name='{settings.model_name}'")

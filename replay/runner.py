@@ -216,9 +216,9 @@ class PolicyRun:
         atomic_write_json({"policy": self.policy, "records": self.records}, self.progress_path)
 
     def _champion_model(self):
-        from models.pipeline import load_champion_version
+        from models.registry import champion_version
 
-        version = load_champion_version(self.settings)
+        version = champion_version(self.settings)
         if version is None:
             return None, None, None
         if self._champion[0] != version:

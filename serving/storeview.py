@@ -46,12 +46,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from models.features import KNN_HISTORY, RECENT_EVENTS, ServingStats, UserStats
 from recloop.store import FeedbackStore, concat_parts
-
-try:
-    from models.features import KNN_HISTORY, RECENT_EVENTS, ServingStats, UserStats
-except ImportError:  # serving without the models package: the generic scoring path only
-    KNN_HISTORY, RECENT_EVENTS, ServingStats, UserStats = 30, 10, None, None
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +347,6 @@ def _empty_history() -> pd.DataFrame:
 
 def _serving_stats(totals: _Totals, catalog: pd.DataFrame, previous: StoreData | None, tail_positives: int):
     """The snapshot's :class:`BoundedServingStats` (the catalog part reused while the catalog is unchanged)."""
-    if ServingStats is None:
-        return None
     try:
         prev = previous.stats if previous is not None and previous.catalog is catalog else None
         frame = prev.catalog if prev is not None else catalog.reset_index()

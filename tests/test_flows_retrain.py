@@ -53,7 +53,7 @@ def tiny_encoder(tmp_path_factory):
 
 def test_retrain_registers_promotes_and_reports(harness, workspace):
     from flows.retrain import latest_outcome, retrain_flow
-    from models.pipeline import load_champion_version
+    from models.registry import champion_version as load_champion_version
 
     out = retrain_flow(reason="initial", workspace=str(workspace.root))
     failed = [(r["name"], r["detail"]) for r in out["decision"]["rules"] if not r["passed"]]
@@ -73,7 +73,7 @@ def test_retrain_registers_promotes_and_reports(harness, workspace):
 
 def test_failed_retrain_leaves_the_champion_and_the_run_red(harness, workspace, tmp_path):
     from flows.retrain import retrain_flow
-    from models.pipeline import load_champion_version
+    from models.registry import champion_version as load_champion_version
 
     assert retrain_flow(reason="initial", workspace=str(workspace.root))["promoted"]
     (workspace.root / "recloop.toml").write_text(_toml(tmp_path / "gone"))  # the encoder vanished
@@ -114,7 +114,7 @@ def test_degraded_candidate_is_rejected_by_the_real_gates(harness, workspace, mo
 
     from flows.retrain import retrain_flow
     from models import train as train_mod
-    from models.pipeline import load_champion_version
+    from models.registry import champion_version as load_champion_version
 
     assert retrain_flow(reason="initial", workspace=str(workspace.root))["promoted"]
     toml = workspace.root / "recloop.toml"
@@ -143,7 +143,7 @@ def test_sigterm_during_a_retrain_is_recorded_in_its_audit_line(harness, workspa
 
     import flows.retrain as fr
     from flows.retrain import Terminated, retrain_flow
-    from models.pipeline import load_champion_version
+    from models.registry import champion_version as load_champion_version
 
     def killed(settings, data):
         os.kill(os.getpid(), signal.SIGTERM)  # what a supervisor or `docker stop` sends
