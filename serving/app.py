@@ -140,11 +140,32 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         errs = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return JSONResponse({"detail": errs[:50]}, status_code=422)
 
-    def served_or_503():
-        cur = holder.current
-        if cur is None:
-            raise HTTPException(status_code=503, detail="no model loaded yet", headers={"Retry-After": "5"})
-        return cur
+    _add_query_routes(app, rng)
+    _add_feedback_route(app)
+    _add_operator_routes(app)
+
+    def openapi():
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = add_component_schemas(doc)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+def _served_or_503(holder: ModelHolder):
+    cur = holder.current
+    if cur is None:
+        raise HTTPException(status_code=503, detail="no model loaded yet", headers={"Retry-After": "5"})
+    return cur
+
+
+def _add_query_routes(app: FastAPI, rng) -> None:
+    """``GET /recommend`` and ``GET /search``: rank with the served model, log the impression, answer."""
+    settings, holder, view, impressions = (app.state.settings, app.state.holder, app.state.view,
+                                           app.state.impressions)
+    s = settings.serving
 
     def log_impression(endpoint: str, user_id: str | None, query: str | None, served, ranked) -> str:
         impression_id = uuid.uuid4().hex
@@ -169,7 +190,7 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
     @app.get("/recommend", responses=MODEL_RESPONSES)
     def recommend(user_id: UserId, k: K = 10):
         t0 = time.perf_counter()
-        served = served_or_503()
+        served = _served_or_503(holder)
         ranked = ranking.recommend(served, view.data, settings, user_id, k, rng())
         return answer("recommend", user_id, None, served, ranked, t0)
 
@@ -181,9 +202,16 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         query = q.strip()
         if not query:
             raise _unprocessable([{"loc": ["query", "q"], "msg": "query is blank", "type": "value_error"}])
-        served = served_or_503()
+        served = _served_or_503(holder)
         ranked = ranking.search(served, view.data, settings, query, user_id, k, rng())
         return answer("search", user_id, query, served, ranked, t0)
+
+
+def _add_feedback_route(app: FastAPI) -> None:
+    """``POST /feedback``: validated, rate-limited, written through the micro-batching writer (202)."""
+    settings, view, writer, impressions = app.state.settings, app.state.view, app.state.writer, app.state.impressions
+    limiter, client_limiter, global_limiter = app.state.limiter, app.state.client_limiter, app.state.global_limiter
+    s = settings.serving
 
     @app.post("/feedback", status_code=202, responses=FEEDBACK_RESPONSES, openapi_extra=FEEDBACK_REQUEST_BODY)
     async def feedback(request: Request):
@@ -217,6 +245,12 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         return JSONResponse({"accepted": result.accepted, "duplicates": result.duplicates,
                              "batch_file": result.batch_file}, status_code=202)
 
+
+def _add_operator_routes(app: FastAPI) -> None:
+    """``GET /health``, ``GET /model`` (paths only for token holders) and ``POST /admin/reload``."""
+    settings, holder, view = app.state.settings, app.state.holder, app.state.view
+    s = settings.serving
+
     @app.get("/health", responses=HEALTH_RESPONSES)
     def health(request: Request):
         cur = holder.current
@@ -229,7 +263,7 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
 
     @app.get("/model", responses=MODEL_RESPONSES)
     def model_info(request: Request):
-        cur = served_or_503()
+        cur = _served_or_503(holder)
         info = dict(cur.info)
         out = {"version": cur.version, "loaded_at": cur.loaded_at, "source": info.pop("source", None),
                "trained_window": info.pop("trained_window", None), "metrics": info.pop("metrics", None),
@@ -248,15 +282,6 @@ def create_app(settings, model_source: ModelSource | None = None, start_backgrou
         out = {"swapped": swapped, "store_refreshed": refreshed, "model_version": cur.version if cur else None,
                "degraded_reason": holder.degraded, "last_error": holder.last_error}
         return out if has_token(request, s.token) else public_info(out)
-
-    def openapi():
-        if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            app.openapi_schema = add_component_schemas(doc)
-        return app.openapi_schema
-
-    app.openapi = openapi
-    return app
 
 
 _PATH = re.compile(r"(?:(?<![^\s'\"=(])|(?<=local:))(?:file://)?(?:/|~/|[A-Za-z]:[\\/])[^\s'\",;]*")
