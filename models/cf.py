@@ -273,11 +273,11 @@ class CollabModel:
                    float(meta.get("wide_b", 0.0)), t.get("sim_keys"), t.get("sim"), t.get("item_rate"))
 
 
-def _item_blocks(n_items: int, cells: int = BLOCK_CELLS):
-    """Row blocks of an item x item product, each at most ``cells`` cells when dense: the co-occurrence
+def _item_blocks(n_items: int):
+    """Row blocks of an item x item product, each at most ``BLOCK_CELLS`` cells when dense: the co-occurrence
     counts are built block by block, so their peak memory is bounded by the block, not by the catalog
-    squared (a 20,000-item catalog: 800 items a block)."""
-    step = max(1, cells // max(n_items, 1))
+    squared (a 20,000-item catalog: 200 items a block)."""
+    step = max(1, BLOCK_CELLS // max(n_items, 1))
     for start in range(0, n_items, step):
         yield start, min(n_items, start + step)
 

@@ -36,7 +36,6 @@ def _brute_force(ev: pd.DataFrame, item_ids: list[str]) -> dict[tuple[int, int],
 def test_pair_counts_match_a_brute_force_count_whatever_the_block(monkeypatch, cells):
     ev = _events()
     monkeypatch.setattr(cf, "BLOCK_CELLS", cells)
-    monkeypatch.setattr(cf._item_blocks, "__defaults__", (cells,))
     model = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
     truth = _brute_force(ev, model.item_ids)
     ni = model.n_items
@@ -51,7 +50,7 @@ def test_the_pair_cap_keeps_the_best_supported_pairs_whatever_the_block(monkeypa
     limit = len(full.keys) // 3
     expected = np.sort(full.keys[np.lexsort((full.keys, -full.n))[:limit]])
     for cells in (10**9, 90 * 5, 1):
-        monkeypatch.setattr(cf._item_blocks, "__defaults__", (cells,))
+        monkeypatch.setattr(cf, "BLOCK_CELLS", cells)
         capped = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5, max_pairs=limit)
         np.testing.assert_array_equal(capped.keys, expected)
 
@@ -59,7 +58,7 @@ def test_the_pair_cap_keeps_the_best_supported_pairs_whatever_the_block(monkeypa
 def test_knn_neighbours_do_not_depend_on_the_block(monkeypatch):
     ev = _events(seed=2)
     one = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
-    monkeypatch.setattr(cf._item_blocks, "__defaults__", (90 * 3,))
+    monkeypatch.setattr(cf, "BLOCK_CELLS", 90 * 3)
     many = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
     np.testing.assert_array_equal(one.sim_keys, many.sim_keys)
     np.testing.assert_array_equal(one.sim, many.sim)
