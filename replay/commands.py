@@ -29,6 +29,8 @@ def replay(
     initial: int = typer.Option(None, help="Periods before the first training (default: 8 synthetic, 8 movielens)"),
     every: int = typer.Option(1, help="The periodic policy retrains every N periods"),
     max_batches: int = typer.Option(None, help="Stop after N batches (for a quick look)"),
+    workers: int = typer.Option(None, help="Policies replayed in this many processes at once "
+                                           "(default: one per policy, up to the number of CPUs)"),
     workspace: Path = WorkspaceOpt,
     as_json: bool = JsonOpt,
 ):
@@ -56,7 +58,8 @@ def replay(
         fail(f"unknown source {source!r}: synthetic or movielens")
     s = settings_for(workspace)
     root = s.root / "replay" if workspace is None else s.root
-    cfg = ReplayConfig(policies=chosen, initial_periods=initial, every=every, max_batches=max_batches)
+    cfg = ReplayConfig(policies=chosen, initial_periods=initial, every=every, max_batches=max_batches,
+                       workers=workers)
     n = min(len(src.batches), max_batches or len(src.batches))
     from replay.runner import run_replay
 

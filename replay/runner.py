@@ -15,13 +15,21 @@ d. **train** according to the policy, through the production retrain flow and it
 
 Progress is saved after every batch (``<policy workspace>/state/replay.json``): a killed
 replay continues from the last completed batch.
+
+The policies are independent (each its own workspace, store, MLflow registry): with
+``ReplayConfig.workers`` > 1 they run in that many processes at once (:func:`run_replay`), each
+worker with its own Prefect home (an ephemeral server and database of its own, unless
+``PREFECT_API_URL`` names a server) and its share of the CPU threads. The per-batch baseline AUCs
+are shared through one file under a lock: whichever worker reaches a batch first computes them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,6 +80,11 @@ class ReplayConfig:
     max_batches: int | None = None
     settings_overrides: dict = field(default_factory=dict)
     min_new_periods: float = 2.0  # storm control in data time: the drift policy waits for this many periods' data
+    workers: int | None = None  # policies run in this many processes at once (None: one per policy, up to the CPUs)
+
+    def n_workers(self) -> int:
+        auto = min(len(self.policies), os.cpu_count() or 1)
+        return max(1, min(len(self.policies), auto if self.workers is None else int(self.workers)))
 
 
 def replay_overrides(source: ReplaySource, cfg: ReplayConfig) -> dict:
@@ -173,17 +186,39 @@ def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog) 
 
 
 class BaselineCache:
-    """Per-batch baseline AUCs shared by the policies (same batches, same ingest), kept on disk for resumes."""
+    """Per-batch baseline AUCs shared by the policies (same batches, same ingest), kept on disk for resumes.
+
+    Policy workers in other processes share the file: a lookup takes an exclusive lock on
+    ``<file>.lock``, re-reads the file and computes only what no worker has written yet."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        self.data: dict[str, dict] = self._read()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    @contextmanager
+    def _locked(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def get(self, i: int, compute) -> dict:
         key = str(i)
-        if key not in self.data:
-            self.data[key] = compute()
-            atomic_write_json(self.data, self.path)
+        if key in self.data:
+            return self.data[key]
+        with self._locked():
+            self.data = self._read()
+            if key not in self.data:
+                self.data[key] = compute()
+                atomic_write_json(self.data, self.path)
         return self.data[key]
 
 
@@ -313,18 +348,97 @@ def _retrain(settings, reason: str) -> dict:
             "candidate_auc": out.get("candidate_metrics", {}).get("auc"), "failed_gates": failed}
 
 
+def worker_groups(policies: tuple[str, ...], workers: int) -> list[tuple[str, ...]]:
+    """Policies split over ``workers`` processes, the costliest first onto the least loaded worker
+    (a periodic policy retrains most, never least)."""
+    cost = {"periodic": 4.0, "drift": 2.0, "never": 1.0}
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(policies))))]
+    load = [0.0] * len(groups)
+    for p in sorted(policies, key=lambda p: -cost.get(p, 1.0)):
+        j = load.index(min(load))
+        groups[j].append(p)
+        load[j] += cost.get(p, 1.0)
+    return [tuple(p for p in policies if p in g) for g in groups if g]
+
+
+def _worker_env(root: Path, group: tuple[str, ...], threads: int) -> dict[str, str]:
+    """A worker's environment: its own Prefect home and database (no two ephemeral servers share a
+    SQLite file) unless a Prefect server is configured, and its share of the CPU threads."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "RECLOOP_REPLAY_THREADS": str(threads), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if not os.environ.get("PREFECT_API_URL"):
+        home = root / group[0] / "prefect-replay"
+        env.update(PREFECT_HOME=str(home),
+                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}")
+    return env
+
+
+def _run_group(group: tuple[str, ...], source: ReplaySource, root: Path, cfg: ReplayConfig, queue,
+               env: dict[str, str]) -> None:
+    """A worker process: its policies one after another; progress goes to the parent through ``queue``."""
+    os.environ.update(env)
+    Path(env.get("PREFECT_HOME", root)).mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(int(env["RECLOOP_REPLAY_THREADS"]))
+    baselines = BaselineCache(root / "baseline_aucs.json")
+    for policy in group:
+        PolicyRun(policy, source, root, cfg, baselines).run(
+            lambda p, done, total, rec: queue.put(("progress", p, done, total, rec)))
+
+
+def _run_workers(groups: list[tuple[str, ...]], source: ReplaySource, root: Path, cfg: ReplayConfig,
+                 progress=None) -> None:
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no Prefect or torch state copied from this one
+    q = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // len(groups))
+    procs = [ctx.Process(target=_run_group, args=(g, source, root, cfg, q, _worker_env(root, g, threads)),
+                         name=f"replay-{'+'.join(g)}") for g in groups]
+    try:
+        for p in procs:
+            p.start()
+        while True:
+            try:
+                msg = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if msg[0] == "progress" and progress is not None:
+                progress(*msg[1:])
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
+    bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError("replay worker(s) failed: " + ", ".join(f"{n} (exit code {c})" for n, c in bad)
+                           + "; their progress is saved, run the replay again to resume")
+
+
 def run_replay(source: ReplaySource, root: Path, cfg: ReplayConfig, progress=None) -> dict:
+    """Every policy of ``cfg`` over ``source`` (``cfg.n_workers()`` processes at once), then the reports."""
     from replay.report import write_reports
 
     t0 = time.perf_counter()
-    results = {}
     root.mkdir(parents=True, exist_ok=True)
-    baselines = BaselineCache(root / "baseline_aucs.json")
     for policy in cfg.policies:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
-        results[policy] = PolicyRun(policy, source, root, cfg, baselines).run(progress)
+    groups = worker_groups(cfg.policies, cfg.n_workers())
+    if len(groups) > 1:
+        _run_workers(groups, source, root, cfg, progress)
+        results = {p: PolicyRun(p, source, root, cfg).records for p in cfg.policies}
+    else:
+        baselines = BaselineCache(root / "baseline_aucs.json")
+        results = {p: PolicyRun(p, source, root, cfg, baselines).run(progress) for p in cfg.policies}
     meta = {"source": source.name, "batches": len(source.batches), "drift_at": None if source.drift_at is None
             else str(source.drift_at), "config": {k: v for k, v in asdict(cfg).items()},
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "workers": len(groups), "seconds": round(time.perf_counter() - t0, 1)}
     return {**write_reports(root / "reports" / "replay", results, meta), "meta": meta}

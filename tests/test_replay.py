@@ -182,3 +182,28 @@ def test_summary_weighs_the_newest_events_and_reports_disk():
     assert out["auc_last_20pct_events"] == (100 * 0.5 + 100 * 0.7) / 200
     assert out["disk_mb_max"] == 30.0
     assert summarize("never", [])["auc_last_20pct_events"] is None
+
+
+# ---- policies in parallel processes ---------------------------------------------------------------------------
+def test_policies_are_spread_over_workers_costliest_first():
+    from replay.runner import worker_groups
+
+    assert worker_groups(("never", "periodic", "drift"), 2) == [("periodic",), ("never", "drift")]
+    assert worker_groups(("never", "periodic", "drift"), 3) == [("periodic",), ("drift",), ("never",)]
+    assert worker_groups(("never", "drift"), 8) == [("drift",), ("never",)]
+    assert worker_groups(("never", "periodic", "drift"), 1) == [("never", "periodic", "drift")]
+    assert ReplayConfig(policies=("drift",), workers=4).n_workers() == 1
+    assert ReplayConfig(workers=0).n_workers() == 1 and ReplayConfig(workers=2).n_workers() == 2
+
+
+def test_baseline_cache_is_shared_through_its_file(tmp_path):
+    from replay.runner import BaselineCache
+
+    a, b = BaselineCache(tmp_path / "b.json"), BaselineCache(tmp_path / "b.json")  # two workers' views
+    calls = []
+    assert a.get(0, lambda: calls.append("a") or {"mf": 0.7}) == {"mf": 0.7}
+    # b was opened before a wrote batch 0: it re-reads the file under the lock instead of computing again
+    assert b.get(0, lambda: calls.append("b") or {"mf": 0.1}) == {"mf": 0.7}
+    assert b.get(1, lambda: calls.append("b") or {"mf": 0.6}) == {"mf": 0.6}
+    assert calls == ["a", "b"] and json.loads((tmp_path / "b.json").read_text()) == {"0": {"mf": 0.7},
+                                                                                     "1": {"mf": 0.6}}
