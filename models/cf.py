@@ -62,6 +62,9 @@ CF_COLUMNS: tuple[str, ...] = ("cat_like_rate", "cat_log_count", "text_prior", "
                                "stats_logit", "knn_resid", "knn_log_weight")
 MAX_PAIRS = 30_000_000  # co-occurrence pairs kept at most (the ones with the most support)
 BLOCK_CELLS = 4_000_000  # item x item cells per block of the co-occurrence products (memory bound)
+# a kNN block filled above this share is ranked as a dense array (a row-wise sort; faster than sorting its
+# triplets, same neighbours in the same order)
+KNN_DENSE_SHARE = 0.25
 
 
 def category_counts(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame, lag=None):
@@ -329,7 +332,13 @@ def _knn_similarity(had, neighbours: int, shrink: float) -> tuple[np.ndarray, np
     had_cols = had.tocsc()
     out_keys, out_sim = [], []
     for b0, b1 in _item_blocks(ni):
-        co = (had_cols[:, b0:b1].T.tocsr() @ had).tocoo()
+        co = had_cols[:, b0:b1].T.tocsr() @ had
+        if co.nnz > KNN_DENSE_SHARE * (b1 - b0) * ni:
+            keys, sim = _knn_dense_block(co.toarray(), b0, d, neighbours, shrink)
+            out_keys.append(keys)
+            out_sim.append(sim)
+            continue
+        co = co.tocoo()
         r = co.row.astype(np.int64) + b0
         c, v = co.col.astype(np.int64), co.data.astype(np.float64)
         del co
@@ -349,6 +358,27 @@ def _knn_similarity(had, neighbours: int, shrink: float) -> tuple[np.ndarray, np
     keys, sim = np.concatenate(out_keys), np.concatenate(out_sim)
     o = np.argsort(keys, kind="stable")
     return keys[o], sim[o]
+
+
+def _knn_dense_block(v: np.ndarray, b0: int, d: np.ndarray, neighbours: int, shrink: float):
+    """:func:`_knn_similarity` of one block of rows ``b0..`` given as a dense co-user count array: the same
+    similarities (same arithmetic), the same neighbours in the same order (most similar first, ties by
+    neighbour id: a stable sort of each row) - as (keys, similarities) in key order."""
+    n_rows, ni = v.shape
+    rows = np.arange(b0, b0 + n_rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = v / (d[rows][:, None] * d[None, :]) * (v / (v + shrink))
+    s[v <= 0] = -np.inf  # no co-user: not a neighbour (the sparse product has no such cell)
+    s[np.arange(n_rows), rows] = -np.inf
+    k = min(neighbours, ni)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    top_s = np.take_along_axis(s, top, axis=1)
+    keep = np.isfinite(top_s)
+    r = np.broadcast_to(rows[:, None], top.shape)[keep]
+    c = top[keep].astype(np.int64)
+    sim = top_s[keep]
+    order = np.argsort(r * ni + c, kind="stable")
+    return (r * ni + c)[order], sim[order].astype(np.float32)
 
 
 def _logistic(x: np.ndarray, y: np.ndarray):

@@ -63,3 +63,24 @@ def test_knn_neighbours_do_not_depend_on_the_block(monkeypatch):
     np.testing.assert_array_equal(one.sim_keys, many.sim_keys)
     np.testing.assert_array_equal(one.sim, many.sim)
     assert len(one.sim_keys) > 0
+
+
+@pytest.mark.parametrize("seed,n", [(2, 4000), (5, 4000), (3, 150)])
+def test_knn_dense_and_sparse_ranking_agree_including_ties(monkeypatch, seed, n):
+    """A block ranked as a dense array (a row-wise stable sort) keeps exactly the neighbours, order of ties
+    and similarities of the sparse path: 90 items with 50 neighbours kept, so the cut falls inside full rows
+    (4,000 events), and rows with fewer co-used items than that keep only those (150 events)."""
+    ev = _events(seed=seed, n=n)
+    monkeypatch.setattr(cf, "KNN_DENSE_SHARE", 2.0)  # never dense
+    sparse = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
+    monkeypatch.setattr(cf, "KNN_DENSE_SHARE", -1.0)  # always dense
+    for cells in (10**9, 90 * 4):
+        monkeypatch.setattr(cf, "BLOCK_CELLS", cells)
+        dense = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
+        np.testing.assert_array_equal(dense.sim_keys, sparse.sim_keys)
+        np.testing.assert_array_equal(dense.sim, sparse.sim)
+    ni = sparse.n_items
+    per_item = np.bincount(sparse.sim_keys // ni, minlength=ni)
+    assert per_item.max() == cf.KNN_NEIGHBOURS if n > 1000 else (per_item < cf.KNN_NEIGHBOURS).all()
+    _, counts = np.unique(sparse.sim, return_counts=True)
+    assert counts.max() > 1  # ties among similarities: their order matters
