@@ -170,16 +170,37 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     i_n, i_pos, _, _ = _counts_before(hist_i, hist_r, labels, row_i, row_r, base)
 
     # user x category of the row's item
+    row_c, hist_c = _category_codes(rows, history, catalog)
+    n_cat = np.int64(max(row_c.max(initial=0), hist_c.max(initial=0)) + 1)
+    c_n, c_pos, _, _ = _counts_before(hist_u * n_cat + hist_c, hist_r, labels, row_u * n_cat + row_c, row_r, base)
+
+    hist_items, hist_count = _last_positives(history, item_index, labels, hist_u, hist_r, row_u, row_r, base,
+                                             history_len)
+    age_days = _item_age_days(rows, catalog, np.where(row_t == _NO_TIME, ref_now, row_t))
+    has_query = _has_query(rows)
+    wide = np.stack([
+        _rate(u_pos, u_n, prior), np.log1p(u_n), _rate(i_pos, i_n, prior), np.log1p(i_n),
+        _rate(c_pos, c_n, prior), np.log1p(c_n), np.log1p(age_days), has_query, _rate(r_pos, r_n, prior),
+    ], axis=1).astype(np.float32)
+    return PointInTimeFeatures(hist_items, hist_count, wide, recent_items, recent_labels)
+
+
+def _category_codes(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Shared integer codes of the rows' and the history's item categories (``<none>`` for a catalog item
+    without one, ``<unknown>`` for an item not in the catalog)."""
     cat_map = pd.Series(catalog["category"].astype("string").fillna("<none>").to_numpy(),
                         index=catalog["item_id"].astype("string").to_numpy())
     cat_map = cat_map[~cat_map.index.duplicated(keep="last")]
     row_cat = rows["item_id"].astype("string").map(cat_map).fillna("<unknown>")
     hist_cat = history["item_id"].astype("string").map(cat_map).fillna("<unknown>")
-    row_c, hist_c = _codes(row_cat, hist_cat)
-    n_cat = np.int64(max(row_c.max(initial=0), hist_c.max(initial=0)) + 1)
-    c_n, c_pos, _, _ = _counts_before(hist_u * n_cat + hist_c, hist_r, labels, row_u * n_cat + row_c, row_r, base)
+    return _codes(row_cat, hist_cat)
 
-    # the user's last positive items before t: search among positives only
+
+def _last_positives(history: pd.DataFrame, item_index: dict[str, int], labels: np.ndarray, hist_u: np.ndarray,
+                    hist_r: np.ndarray, row_u: np.ndarray, row_r: np.ndarray, base: np.int64,
+                    history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's user's last ``history_len`` liked items before the row's time (indices of ``item_index``,
+    oldest first, -1-padded on the left) and how many there are; the search runs among positives only."""
     pos_mask = labels == 1
     p_u, p_t = hist_u[pos_mask], hist_r[pos_mask]
     p_items = history["item_id"].astype("string").map(item_index).fillna(-1).to_numpy(dtype=np.int64)[pos_mask]
@@ -192,29 +213,28 @@ def point_in_time_features(rows: pd.DataFrame, history: pd.DataFrame, catalog: p
     valid = idx >= p_start[:, None]
     hist_items = np.where(valid, sorted_items[np.clip(idx, 0, max(len(sorted_items) - 1, 0))]
                           if len(sorted_items) else -1, -1).astype(np.int64)
-    hist_count = valid.sum(axis=1).astype(np.int64)
+    return hist_items, valid.sum(axis=1).astype(np.int64)
 
-    # item age at the row's time (rows without time: the latest history time, else now)
+
+def _item_age_days(rows: pd.DataFrame, catalog: pd.DataFrame, ref_ns: np.ndarray) -> np.ndarray:
+    """Days from each row's item's ``created_at`` to ``ref_ns`` (the row's time; 0 without a creation
+    time, never negative)."""
     created = pd.Series(pd.to_datetime(catalog["created_at"], utc=True).to_numpy(),
                         index=catalog["item_id"].astype("string").to_numpy()) if "created_at" in catalog.columns \
         else pd.Series(dtype="datetime64[ns, UTC]")
     created = created[~created.index.duplicated(keep="last")]
     row_created = pd.to_datetime(rows["item_id"].astype("string").map(created), utc=True)
     created_ns = row_created.to_numpy(dtype="datetime64[ns]").view(np.int64)
-    ref = np.where(row_t == _NO_TIME, ref_now, row_t)
-    age_days = np.where(row_created.isna().to_numpy(), 0.0, (ref - created_ns) / 86_400e9)
-    age_days = np.clip(age_days, 0.0, None)
+    age_days = np.where(row_created.isna().to_numpy(), 0.0, (ref_ns - created_ns) / 86_400e9)
+    return np.clip(age_days, 0.0, None)
 
-    has_query = np.zeros(n, dtype=np.float32)
-    if "query" in rows.columns:
-        q = rows["query"].astype("string")
-        has_query = (q.notna() & (q.str.strip().str.len() > 0)).fillna(False).to_numpy(dtype=np.float32)
 
-    wide = np.stack([
-        _rate(u_pos, u_n, prior), np.log1p(u_n), _rate(i_pos, i_n, prior), np.log1p(i_n),
-        _rate(c_pos, c_n, prior), np.log1p(c_n), np.log1p(age_days), has_query, _rate(r_pos, r_n, prior),
-    ], axis=1).astype(np.float32)
-    return PointInTimeFeatures(hist_items, hist_count, wide, recent_items, recent_labels)
+def _has_query(rows: pd.DataFrame) -> np.ndarray:
+    """1.0 for rows with a non-blank ``query``, else 0.0."""
+    if "query" not in rows.columns:
+        return np.zeros(len(rows), dtype=np.float32)
+    q = rows["query"].astype("string")
+    return (q.notna() & (q.str.strip().str.len() > 0)).fillna(False).to_numpy(dtype=np.float32)
 
 
 def _last_events(items: np.ndarray, labels: np.ndarray, start: np.ndarray, end: np.ndarray, k: int):

@@ -552,17 +552,8 @@ def decide_promotion(
     if paired is not None:
         draws = _bootstrap(paired, g)
 
-    # evidence: counted on the candidate's own scored events when it has them
-    if candidate.scored is not None and {"label"} <= set(candidate.scored.columns):
-        lab = candidate.scored["label"].astype(int)
-        n, n_pos = len(lab), int(lab.sum())
-        n_users = int(candidate.scored["user_id"].nunique()) if "user_id" in candidate.scored else candidate.n_users
-    else:
-        n, n_pos, n_users = int(candidate.n_events), int(candidate.n_positive), int(candidate.n_users)
-    evidence = {"n_events": n, "n_positive": n_pos, "n_negative": n - n_pos, "n_users": n_users,
-                "n_paired": 0 if paired is None else int(paired.labels.size)}
-
-    rules = [_evidence_rule(n, n_pos, n_users, g)]
+    evidence = _evidence(candidate, paired)
+    rules = [_evidence_rule(evidence["n_events"], evidence["n_positive"], evidence["n_users"], g)]
     auc_ci = None if draws is None else draws.auc_ci(CANDIDATE, g.confidence, "AUC(candidate)")
     rules.append(_rule("min_auc", candidate.auc, g.min_auc, ">=", f"global AUC on {candidate.n_events:,} events "
                        "(point estimate; interval shown)", champion=None if champion is None else jsonable(champion.auc),
@@ -576,18 +567,9 @@ def decide_promotion(
         rule, ci = _champion_rule(paired, draws, champion, g, why_unpaired)
         rules.append(rule)
 
-    group_stats, gap_cis, inc_cis = {}, {}, {}
-    for col in g.group_columns:
-        col_rules, stats, gap_ci, inc_ci = _group_rules(col, candidate, champion, paired, draws, g, why_unpaired)
-        rules += col_rules
-        if stats:
-            group_stats[col] = stats
-        if gap_ci is not None:
-            gap_cis[col] = gap_ci
-        if inc_ci is not None:
-            inc_cis[col] = inc_ci
-    if not g.group_columns:
-        rules.append(GateRule("group_auc_gap", None, None, True, "skipped: gates.group_columns is empty", op="<="))
+    group_rules, group_stats, gap_cis, inc_cis = _all_group_rules(candidate, champion, paired, draws, g,
+                                                                   why_unpaired)
+    rules += group_rules
 
     rules.append(_ranking_rule("tail_exposure", candidate.tail_exposure, g.min_tail_exposure, candidate,
                                None if champion is None else champion.tail_exposure,
@@ -603,6 +585,38 @@ def decide_promotion(
         rule_mode=g.rule, thresholds=thresholds, candidate=candidate.to_dict(),
         champion=None if champion is None else champion.to_dict(),
     )
+
+
+def _evidence(candidate: Evaluation, paired: PairedEvents | None) -> dict:
+    """How much the verdict rests on: counted on the candidate's own scored events when it has them."""
+    if candidate.scored is not None and {"label"} <= set(candidate.scored.columns):
+        lab = candidate.scored["label"].astype(int)
+        n, n_pos = len(lab), int(lab.sum())
+        n_users = int(candidate.scored["user_id"].nunique()) if "user_id" in candidate.scored else candidate.n_users
+    else:
+        n, n_pos, n_users = int(candidate.n_events), int(candidate.n_positive), int(candidate.n_users)
+    return {"n_events": n, "n_positive": n_pos, "n_negative": n - n_pos, "n_users": n_users,
+            "n_paired": 0 if paired is None else int(paired.labels.size)}
+
+
+def _all_group_rules(candidate: Evaluation, champion: Evaluation | None, paired: PairedEvents | None,
+                     draws: BootstrapDraws | None, g, why_unpaired: str | None):
+    """The fairness rules of every ``g.group_columns`` column (one skipped rule when there is none):
+    (rules, per-column group statistics, gap CIs, gap-vs-champion CIs)."""
+    rules: list[GateRule] = []
+    group_stats, gap_cis, inc_cis = {}, {}, {}
+    for col in g.group_columns:
+        col_rules, stats, gap_ci, inc_ci = _group_rules(col, candidate, champion, paired, draws, g, why_unpaired)
+        rules += col_rules
+        if stats:
+            group_stats[col] = stats
+        if gap_ci is not None:
+            gap_cis[col] = gap_ci
+        if inc_ci is not None:
+            inc_cis[col] = inc_ci
+    if not g.group_columns:
+        rules.append(GateRule("group_auc_gap", None, None, True, "skipped: gates.group_columns is empty", op="<="))
+    return rules, group_stats, gap_cis, inc_cis
 
 
 def _bootstrap(paired: PairedEvents, g) -> BootstrapDraws:

@@ -296,9 +296,7 @@ def log_and_register(
     whose model was logged but not registered is registered; nothing new is logged either way.
     Without a flow-run id every call logs and registers anew.
     """
-    import mlflow
 
-    from models import pyfunc
 
     model_dir = Path(model_dir)
     for name in ("weights.safetensors", "config.json", "encoder"):
@@ -326,6 +324,27 @@ def log_and_register(
         from recloop.store import FeedbackStore
 
         catalog = FeedbackStore.from_settings(settings).catalog()
+
+    run_id, model_uri, tags = _log_run(settings, exp_id, reg_key, model_dir, catalog, manifest, lineage, params,
+                                       evaluation, champion_evaluation, decision, baseline_evaluations, history,
+                                       train_data, drift_report_path)
+    version_tags = {**tags, "gate_decision": "pending", "run_id": run_id, "weights_sha256": weights_sha}
+    if reg_key:
+        version_tags[REGISTRATION_KEY] = reg_key
+    mv = _register(settings.model_name, model_uri, version_tags)
+    version = str(mv.version)
+    _finish_registration(client(settings), settings.model_name, run_id, version, description)
+    return run_id, version
+
+
+def _log_run(settings, exp_id: str, reg_key: str | None, model_dir: Path, catalog: pd.DataFrame, manifest: dict,
+             lineage: dict, params: dict | None, evaluation, champion_evaluation, decision, baseline_evaluations,
+             history, train_data: pd.DataFrame | None, drift_report_path: str | None) -> tuple[str, str, dict]:
+    """The MLflow run of one training (see :func:`log_and_register`): params, results, manifest, lineage
+    tags, training input and the pyfunc model. Returns (run id, model URI, the lineage tags)."""
+    import mlflow
+
+    from models import pyfunc
 
     with tempfile.TemporaryDirectory(prefix="recloop-register-") as tmp:
         tmp = Path(tmp)
@@ -357,13 +376,7 @@ def log_and_register(
                     model_config={"workspace": None}, pip_requirements=_requirements(),
                 )
             mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
-        version_tags = {**tags, "gate_decision": "pending", "run_id": run_id, "weights_sha256": weights_sha}
-        if reg_key:
-            version_tags[REGISTRATION_KEY] = reg_key
-        mv = _register(settings.model_name, info.model_uri, version_tags)
-    version = str(mv.version)
-    _finish_registration(client(settings), settings.model_name, run_id, version, description)
-    return run_id, version
+    return run_id, info.model_uri, tags
 
 
 def _resume_registration(settings, exp_id: str, reg_key: str, weights_sha: str,

@@ -363,6 +363,83 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
             engine.close()
 
 
+def _config(cfg, encoder: TextEncoder, encoder_path: Path, dm: RecDataModule, final_dm: RecDataModule,
+            history: list[dict], best_auc: float | None, epochs_chosen: int, refit: bool, lag,
+            ranker_info: dict | None) -> dict:
+    """The model's config (``models.recommender.model_config``): architecture, vocabularies of the final
+    fit, and the data it depends on (``train_end`` = the newest event used, by the fit or by epoch selection)."""
+    val = dm.val_events["timestamp"]
+    return model_config(
+        encoder_name=str(getattr(encoder.model.config, "_name_or_path", "") or encoder_path.name),
+        mode=cfg.mode, text_dim=encoder.dim, embed_dim=cfg.embed_dim,
+        user_vocab=sorted(final_dm.user_vocab, key=final_dm.user_vocab.get),
+        item_vocab=sorted(final_dm.item_vocab, key=final_dm.item_vocab.get),
+        history_len=cfg.history_len, max_text_tokens=cfg.max_text_tokens, prior=final_dm.prior,
+        id_embeddings=cfg.id_embeddings, id_dropout=cfg.id_dropout,
+        encoder_path=str(encoder_path),
+        train_start=str(dm.window_start), train_end=str(dm.window_end), fit_end=str(final_dm.train_end),
+        val_start=str(val.min()) if dm.n_val else None, val_end=str(val.max()) if dm.n_val else None,
+        n_train=final_dm.n_train, n_val=dm.n_val, n_selection_train=dm.n_train,
+        best_val_auc=best_auc, epochs=len(history), epochs_chosen=epochs_chosen, refit_full=refit,
+        feature_lag_seconds=float(lag.total_seconds()), seed=cfg.seed, precision=cfg.precision,
+        ranker=ranker_info)
+
+
+def _refit(cfg, kind: str, events: pd.DataFrame, catalog: pd.DataFrame, engine, dm: RecDataModule,
+           encoder: TextEncoder, texts: TextSource, initial_encoder: dict | None, epochs_chosen: int,
+           selection_epochs: int, root: Path, callbacks, fast_dev_run, progress_bar: bool, timings: dict,
+           peaks: PhasePeaks, t_fit: float) -> tuple[RecommenderModule, RecDataModule]:
+    """The refit from scratch on train + validation (new vocabularies, prior, wide statistics; the same
+    texts) for the selection run's ``epochs_chosen``: (module with its final weights, its data module).
+    Frees the selection run's tensors and frames first; records ``refit_features`` / ``refit`` in
+    ``timings`` and ``peaks``."""
+    dm.tensors.clear()
+    dm.events = dm.train_events = None
+    gc.collect()
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    final_dm = RecDataModule(events, catalog, cfg.history_len, 0.0, cfg.batch_size, cfg.seed,
+                             lag=dm.lag, **_engine_kwargs(engine))
+    final_dm.setup("fit")
+    if final_dm.items.texts != dm.items.texts or final_dm.query_texts != dm.query_texts:
+        raise RuntimeError("the refit's item / query index differs from the selection run's")
+    t_feat2 = time.perf_counter()
+    peaks.mark("refit_features")
+    if initial_encoder is not None:  # fine-tuning changed the encoder in place: start from its initial weights
+        encoder.model.load_state_dict(initial_encoder)
+    module = _new_module(cfg, encoder, texts, final_dm)
+    final = FinalWeights(root / "refit", stop_after=epochs_chosen)
+    _fit(cfg, kind, module, final_dm, [final, *(callbacks or [])], root / "refit", selection_epochs,
+         fast_dev_run, progress_bar, validate=False)
+    if final.weights_path.is_file():
+        load_trainable_state(module, final.weights_path)
+    timings.update(refit_features=t_feat2 - t_fit, refit=time.perf_counter() - t_feat2)
+    peaks.mark("refit")
+    return module, final_dm
+
+
+def _final_second_stage(model: Recommender, fitted_ranker: Ranker, ranker_info: dict, dm: RecDataModule,
+                        final_dm: RecDataModule, catalog: pd.DataFrame, lag, seed: int) -> tuple[CollabModel, Ranker]:
+    """The served second stage: collaborative counts and text head refit on the whole window (the final
+    encoder's vectors), as the towers are; with a refit, the fusion model too on the whole window's rows
+    (same rounds per row, same blend). Without one, the statistics head on the train part's rows + the
+    validation rows."""
+    vecs = model.text_vectors(dm.items.texts).numpy()
+    if final_dm is dm:
+        rows = pd.concat([dm.train_events, dm.val_events], ignore_index=True)
+        wide = np.concatenate([dm.train_wide, dm.tensors["val"]["wide"].numpy()])
+    else:
+        rows, wide = final_dm.train_events, final_dm.train_wide
+    collab = CollabModel.fit(rows, _text_lookup(dm.items, vecs), final_dm.prior, wide)
+    if final_dm is not dm:
+        x, y = fusion_rows(final_dm.train_events, final_dm.tensors["train"], final_dm.events, catalog,
+                           final_dm.items, vecs, final_dm.prior, lag)
+        if len(y) >= MIN_ROWS and len(np.unique(y)) == 2:
+            pick = [FUSION_COLUMNS.index(c) for c in fitted_ranker.columns]
+            fitted_ranker = fitted_ranker.refit(x[:, pick], y, seed=seed)
+            ranker_info["refit_rows"] = len(y)
+    return collab, fitted_ranker
+
+
 def _engine_kwargs(engine) -> dict:
     """``RecDataModule`` keywords that route the window's features through ``engine`` (none for the
     embedded pandas engine: the default path stays exactly as it was)."""
@@ -425,76 +502,27 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
             peaks.mark("ranker")
             t_fit = t_rank
         if refit:
-            # the selection run's tensors and event frames are not read again (the refit's module has its
-            # own): free them before the refit builds its own copies of the window
-            module = None
-            dm.tensors.clear()
-            dm.events = dm.train_events = None
-            gc.collect()
-            # from scratch on train + validation: new vocabularies, prior, wide statistics; same texts
-            pl.seed_everything(cfg.seed, workers=True, verbose=False)
-            final_dm = RecDataModule(events, catalog, cfg.history_len, 0.0, cfg.batch_size, cfg.seed, lag=lag,
-                                     **_engine_kwargs(engine))
-            final_dm.setup("fit")
-            if final_dm.items.texts != dm.items.texts or final_dm.query_texts != dm.query_texts:
-                raise RuntimeError("the refit's item / query index differs from the selection run's")
-            t_feat2 = time.perf_counter()
-            peaks.mark("refit_features")
-            if initial_encoder is not None:
-                encoder.model.load_state_dict(initial_encoder)
-            module = _new_module(cfg, encoder, texts, final_dm)
-            final = FinalWeights(root / "refit", stop_after=epochs_chosen)
-            _fit(cfg, kind, module, final_dm, [final, *(callbacks or [])], root / "refit", selection_epochs,
-                 fast_dev_run, progress_bar, validate=False)
-            if final.weights_path.is_file():
-                load_trainable_state(module, final.weights_path)
-            timings.update(refit_features=t_feat2 - t_fit, refit=time.perf_counter() - t_feat2)
-            peaks.mark("refit")
+            module = None  # the selection run's module is not used again (the refit builds its own)
+            module, final_dm = _refit(cfg, kind, events, catalog, engine, dm, encoder, texts, initial_encoder,
+                                      epochs_chosen, selection_epochs, root, callbacks, fast_dev_run,
+                                      progress_bar, timings, peaks, t_fit)
         elif best.weights_path.is_file():
             load_trainable_state(module, best.weights_path)
 
     module = module.cpu()
     net = module.net.cpu().eval()
     encoder.model.cpu().eval()
-    val = dm.val_events["timestamp"]
-    config = model_config(
-        encoder_name=str(getattr(encoder.model.config, "_name_or_path", "") or encoder_path.name),
-        mode=cfg.mode, text_dim=encoder.dim, embed_dim=cfg.embed_dim,
-        user_vocab=sorted(final_dm.user_vocab, key=final_dm.user_vocab.get),
-        item_vocab=sorted(final_dm.item_vocab, key=final_dm.item_vocab.get),
-        history_len=cfg.history_len, max_text_tokens=cfg.max_text_tokens, prior=final_dm.prior,
-        id_embeddings=cfg.id_embeddings, id_dropout=cfg.id_dropout,
-        encoder_path=str(encoder_path),
-        # the data the model depends on: train_end = the newest event used (fit or epoch selection)
-        train_start=str(dm.window_start), train_end=str(dm.window_end), fit_end=str(final_dm.train_end),
-        val_start=str(val.min()) if dm.n_val else None, val_end=str(val.max()) if dm.n_val else None,
-        n_train=final_dm.n_train, n_val=dm.n_val, n_selection_train=dm.n_train,
-        best_val_auc=best_auc, epochs=len(history), epochs_chosen=epochs_chosen, refit_full=refit,
-        feature_lag_seconds=float(lag.total_seconds()), seed=cfg.seed, precision=cfg.precision,
-        ranker=ranker_info)
+    config = _config(cfg, encoder, encoder_path, dm, final_dm, history, best_auc, epochs_chosen, refit, lag,
+                     ranker_info)
     model = Recommender(net, encoder, config)
     if kind == "frozen":  # reuse the vectors computed for training: no second encoding pass
         model._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})
         if dm.query_texts:
             model._text_cache.update({t: v for t, v in zip(dm.query_texts, texts.query_vecs.cpu().numpy())})
     if fitted_ranker is not None:
-        # counts and text head refit on the whole window (the final encoder's vectors), as the towers are
         t_c = time.perf_counter()
-        vecs = model.text_vectors(dm.items.texts).numpy()
-        if final_dm is dm:  # no refit: the statistics head on the train part's rows + the validation rows
-            rows = pd.concat([dm.train_events, dm.val_events], ignore_index=True)
-            wide = np.concatenate([dm.train_wide, dm.tensors["val"]["wide"].numpy()])
-        else:
-            rows, wide = final_dm.train_events, final_dm.train_wide
-        model.collab = CollabModel.fit(rows, _text_lookup(dm.items, vecs), final_dm.prior, wide)
-        if final_dm is not dm:  # the fusion model refit on the whole window's rows (same rounds per row, same blend)
-            x, y = fusion_rows(final_dm.train_events, final_dm.tensors["train"], final_dm.events, catalog,
-                               final_dm.items, vecs, final_dm.prior, lag)
-            if len(y) >= MIN_ROWS and len(np.unique(y)) == 2:
-                pick = [FUSION_COLUMNS.index(c) for c in fitted_ranker.columns]
-                fitted_ranker = fitted_ranker.refit(x[:, pick], y, seed=cfg.seed)
-                ranker_info["refit_rows"] = len(y)
-        model.ranker = fitted_ranker
+        model.collab, model.ranker = _final_second_stage(model, fitted_ranker, ranker_info, dm, final_dm, catalog,
+                                                         lag, cfg.seed)
         timings["collab_refit"] = time.perf_counter() - t_c
         peaks.mark("collab_refit")
     return TrainedModel(model=model, history=history, seconds=time.perf_counter() - t0, n_train=final_dm.n_train,

@@ -196,17 +196,7 @@ def detect_drift(settings, store, champion: ChampionInfo | None = None, scorer: 
         return _finish(settings, store, out, n_total, n_new_fallback=n_cur, clock=clock, record=record, t0=t0)
 
     catalog = store.catalog()
-    ref = load_window(store, windows.reference_start, windows.reference_end)
-    profile = build_profile_from_window(ref, catalog)
-    like_ref = ref.like_rate()
-    ref_s = ref.sample(cfg.sample_size, cfg.seed)
-    del ref
-    cur = load_window(store, windows.current_start, windows.current_end)
-    like_cur = cur.like_rate()
-    cur_s = cur.sample(cfg.sample_size, cfg.seed + 1)
-    del cur
-    out.n_reference_sampled, out.n_current_sampled = len(ref_s), len(cur_s)
-    out.sampled = len(ref_s) < n_ref or len(cur_s) < n_cur
+    ref_s, cur_s, profile = _window_samples(store, catalog, windows, cfg, out)
     ref_f = build_feature_frame(ref_s, catalog, profile, reference=True)
     cur_f = build_feature_frame(cur_s, catalog, profile)
 
@@ -215,13 +205,35 @@ def detect_drift(settings, store, champion: ChampionInfo | None = None, scorer: 
     elif champion.offline_auc is not None:
         out.notes.append("no scorer: prediction drift and live AUC not checked")
 
-    report_dir = Path(settings.reports_dir) / "drift"
-    stamp = _stamp(out.checked_at)
-    html = report_dir / f"drift-{stamp}.html"
+    html = Path(settings.reports_dir) / "drift" / f"drift-{_stamp(out.checked_at)}.html"
     columns, share = run_evidently(settings, ref_f, cur_f, html, out)
     out.report_path = str(html)
-    out.columns = [asdict(c) for c in columns]
-    out.drift_share = share
+    _record_columns(out, columns, share)
+    out.triggers = _triggers(out, cfg)
+    return _finish(settings, store, out, n_total, n_new_fallback=out.n_current, clock=clock, record=record, t0=t0)
+
+
+def _window_samples(store, catalog: pd.DataFrame, windows, cfg, out: DriftOutcome):
+    """(reference sample, current sample, reference profile): one window at a time as Arrow columns
+    with pushdown, so only the samples (and the profile's columns) become pandas rows. Records the
+    like-rates of the whole windows and the sample sizes in ``out``."""
+    ref = load_window(store, windows.reference_start, windows.reference_end)
+    profile = build_profile_from_window(ref, catalog)
+    out.like_rate_reference = ref.like_rate()
+    ref_s = ref.sample(cfg.sample_size, cfg.seed)
+    del ref
+    cur = load_window(store, windows.current_start, windows.current_end)
+    out.like_rate_current = cur.like_rate()
+    cur_s = cur.sample(cfg.sample_size, cfg.seed + 1)
+    del cur
+    out.n_reference_sampled, out.n_current_sampled = len(ref_s), len(cur_s)
+    out.sampled = len(ref_s) < out.n_reference or len(cur_s) < out.n_current
+    return ref_s, cur_s, profile
+
+
+def _record_columns(out: DriftOutcome, columns: list, share: float | None) -> None:
+    """The report's per-column verdicts into ``out``: drift share (Evidently's, else the drifted share of
+    the feature columns), drifted columns, target drift (with the windows' like-rates), prediction drift."""
     features = [c for c in columns if c.role == "feature"]
     if share is None and features:
         share = sum(c.drifted for c in features) / len(features)
@@ -229,24 +241,26 @@ def detect_drift(settings, store, champion: ChampionInfo | None = None, scorer: 
     out.drifted_columns = [c.column for c in columns if c.drifted]
     target = next((c for c in columns if c.role == "target"), None)
     pred = next((c for c in columns if c.role == "prediction"), None)
-    out.like_rate_reference, out.like_rate_current = like_ref, like_cur
     if target is not None:
-        target.reference, target.current = like_ref, like_cur
-        out.columns = [asdict(c) for c in columns]
+        target.reference, target.current = out.like_rate_reference, out.like_rate_current
+    out.columns = [asdict(c) for c in columns]
     out.target_drift = None if target is None else target.drifted
     out.prediction_drift = None if pred is None else pred.drifted
 
+
+def _triggers(out: DriftOutcome, cfg) -> list[str]:
+    """Which of the monitor's retrain triggers the checked windows fire (``settings.monitor``)."""
     triggers = []
     if out.auc_drop is not None and out.auc_drop > cfg.max_auc_drop:
         triggers.append("performance_decay")
-    if features and share is not None and share >= cfg.drift_share:
+    has_features = any(c["role"] == "feature" for c in out.columns)
+    if has_features and out.drift_share is not None and out.drift_share >= cfg.drift_share:
         triggers.append("data_drift")
     if out.target_drift and cfg.retrain_on_target_drift:
         triggers.append("target_drift")
     if out.prediction_drift and cfg.retrain_on_prediction_drift:
         triggers.append("prediction_drift")
-    out.triggers = triggers
-    return _finish(settings, store, out, n_total, n_new_fallback=out.n_current, clock=clock, record=record, t0=t0)
+    return triggers
 
 
 def _stamp(iso: str) -> str:

@@ -180,13 +180,15 @@ def test_train_routes_window_features_and_catalog_through_the_engine(settings, t
 
 
 def test_the_refit_uses_the_engine_too():
-    """Both datamodules of ``_train`` get the engine's keywords (the refit's is not reached in the test above)."""
+    """Both datamodules of ``_train`` (the selection run's and the refit's, in ``_refit``) get the engine's
+    keywords (the refit's is not reached in the test above)."""
     import inspect
 
     from models import train
 
-    src = inspect.getsource(train._train)
-    assert src.count("RecDataModule(") == 2 and src.count("**_engine_kwargs(engine)") == 2
+    for fn in (train._train, train._refit):
+        src = inspect.getsource(fn)
+        assert src.count("RecDataModule(") == 1 and src.count("**_engine_kwargs(engine)") == 1, fn.__name__
     assert train._engine_kwargs(train.PandasEngine()) == {}
     eng = RecordingEngine()
     assert train._engine_kwargs(eng) == {"features": eng.point_in_time_features}

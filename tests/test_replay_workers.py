@@ -13,11 +13,11 @@ def test_policies_replay_in_parallel_workers_with_their_own_prefect_homes(tmp_pa
     batches are ingested and scored once per batch for the baselines; a worker that fails is reported."""
     import json
 
-    from recloop.datasets.synthetic import SyntheticConfig
     from replay.runner import ReplayConfig, run_replay, synthetic_source
+    from tests.conftest import small_world_config
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    src = synthetic_source(SyntheticConfig(seed=3, n_users=80, n_items=40, n_days=4, drift_day=None, bad_batch_day=None))
+    src = synthetic_source(small_world_config(n_days=4, drift_day=None, bad_batch_day=None))
     cfg = ReplayConfig(policies=("never", "drift"), initial_periods=10, max_batches=3, workers=2)
     out = run_replay(src, tmp_path / "replay", cfg)
     assert out["meta"]["workers"] == 2
