@@ -375,16 +375,20 @@ def _worker_env(root: Path, group: tuple[str, ...], threads: int) -> dict[str, s
 
 def _run_group(group: tuple[str, ...], source: ReplaySource, root: Path, cfg: ReplayConfig, queue,
                env: dict[str, str]) -> None:
-    """A worker process: its policies one after another; progress goes to the parent through ``queue``."""
+    """A worker process: its policies one after another; progress goes to the parent through ``queue``.
+    SIGTERM (the parent stopping it) unwinds like Ctrl-C, so its temporary Prefect server stops with it."""
+    from recloop.cli_common import terminate_like_ctrl_c
+
     os.environ.update(env)
     Path(env.get("PREFECT_HOME", root)).mkdir(parents=True, exist_ok=True)
     import torch
 
     torch.set_num_threads(int(env["RECLOOP_REPLAY_THREADS"]))
     baselines = BaselineCache(root / "baseline_aucs.json")
-    for policy in group:
-        PolicyRun(policy, source, root, cfg, baselines).run(
-            lambda p, done, total, rec: queue.put(("progress", p, done, total, rec)))
+    with terminate_like_ctrl_c():
+        for policy in group:
+            PolicyRun(policy, source, root, cfg, baselines).run(
+                lambda p, done, total, rec: queue.put(("progress", p, done, total, rec)))
 
 
 def _run_workers(groups: list[tuple[str, ...]], source: ReplaySource, root: Path, cfg: ReplayConfig,
