@@ -373,6 +373,21 @@ def _worker_env(root: Path, group: tuple[str, ...], threads: int) -> dict[str, s
     return env
 
 
+@contextmanager
+def _environ(env: dict[str, str]):
+    """``os.environ`` updated with ``env`` inside, restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _run_group(group: tuple[str, ...], source: ReplaySource, root: Path, cfg: ReplayConfig, queue,
                env: dict[str, str]) -> None:
     """A worker process: its policies one after another; progress goes to the parent through ``queue``.
@@ -399,11 +414,13 @@ def _run_workers(groups: list[tuple[str, ...]], source: ReplaySource, root: Path
     ctx = mp.get_context("spawn")  # a fresh interpreter: no Prefect or torch state copied from this one
     q = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // len(groups))
-    procs = [ctx.Process(target=_run_group, args=(g, source, root, cfg, q, _worker_env(root, g, threads)),
-                         name=f"replay-{'+'.join(g)}") for g in groups]
+    envs = [_worker_env(root, g, threads) for g in groups]
+    procs = [ctx.Process(target=_run_group, args=(g, source, root, cfg, q, env), name=f"replay-{'+'.join(g)}")
+             for g, env in zip(groups, envs)]
     try:
-        for p in procs:
-            p.start()
+        for p, env in zip(procs, envs):
+            with _environ(env):  # the spawned interpreter starts with it: BLAS reads its thread count at import
+                p.start()
         while True:
             try:
                 msg = q.get(timeout=1.0)

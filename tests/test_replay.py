@@ -207,3 +207,21 @@ def test_baseline_cache_is_shared_through_its_file(tmp_path):
     assert b.get(1, lambda: calls.append("b") or {"mf": 0.6}) == {"mf": 0.6}
     assert calls == ["a", "b"] and json.loads((tmp_path / "b.json").read_text()) == {"0": {"mf": 0.7},
                                                                                      "1": {"mf": 0.6}}
+
+
+def test_worker_environment_is_set_only_around_the_spawn(monkeypatch, tmp_path):
+    import os
+
+    from replay.runner import _environ, _worker_env
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    env = _worker_env(tmp_path, ("drift", "never"), 1)
+    assert env["PREFECT_HOME"] == str(tmp_path / "drift" / "prefect-replay") and env["OMP_NUM_THREADS"] == "1"
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith("drift/prefect-replay/prefect.db")
+    with _environ(env):
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # a shared server: no own home
+    assert "PREFECT_HOME" not in _worker_env(tmp_path, ("drift",), 1)
