@@ -296,8 +296,6 @@ def log_and_register(
     whose model was logged but not registered is registered; nothing new is logged either way.
     Without a flow-run id every call logs and registers anew.
     """
-
-
     model_dir = Path(model_dir)
     for name in ("weights.safetensors", "config.json", "encoder"):
         if not (model_dir / name).exists():

@@ -83,8 +83,8 @@ class ReplayConfig:
     workers: int | None = None  # policies run in this many processes at once (None: one per policy, up to the CPUs)
 
     def n_workers(self) -> int:
-        auto = min(len(self.policies), os.cpu_count() or 1)
-        return max(1, min(len(self.policies), auto if self.workers is None else int(self.workers)))
+        wanted = (os.cpu_count() or 1) if self.workers is None else int(self.workers)
+        return max(1, min(len(self.policies), wanted))
 
 
 def replay_overrides(source: ReplaySource, cfg: ReplayConfig) -> dict:
@@ -188,7 +188,7 @@ def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog) 
 class BaselineCache:
     """Per-batch baseline AUCs shared by the policies (same batches, same ingest), kept on disk for resumes.
 
-    Policy workers in other processes share the file: a lookup takes an exclusive lock on
+    Policy workers in other processes share the file: a lookup of a batch not read yet takes the file lock
     ``<file>.lock``, re-reads the file and computes only what no worker has written yet."""
 
     def __init__(self, path: Path):
@@ -198,23 +198,14 @@ class BaselineCache:
     def _read(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    @contextmanager
-    def _locked(self):
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def get(self, i: int, compute) -> dict:
         key = str(i)
         if key in self.data:
             return self.data[key]
-        with self._locked():
+        from filelock import FileLock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
             self.data = self._read()
             if key not in self.data:
                 self.data[key] = compute()
@@ -394,7 +385,7 @@ def _run_group(group: tuple[str, ...], source: ReplaySource, root: Path, cfg: Re
     SIGTERM (the parent stopping it) unwinds like Ctrl-C, so its temporary Prefect server stops with it."""
     from recloop.cli_common import terminate_like_ctrl_c
 
-    os.environ.update(env)
+    # ``env`` is already this process's environment (set around the spawn, see _run_workers)
     Path(env.get("PREFECT_HOME", root)).mkdir(parents=True, exist_ok=True)
     import torch
 

@@ -92,9 +92,9 @@ def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world
         run = wait_for_triggered_run("retrain/retrain", before, timeout=300)
         assert run.state.type.value == "COMPLETED", run.state.message
         assert run.parameters["reason"] == "test_drift"
-        from models.registry import champion_version as load_champion_version
+        from models.registry import champion_version
 
-        assert load_champion_version(settings) == "1"
+        assert champion_version(settings) == "1"
         ctx.__exit__(None, None, None)
     finally:
         stack.stop()

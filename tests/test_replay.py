@@ -194,6 +194,7 @@ def test_policies_are_spread_over_workers_costliest_first():
     assert worker_groups(("never", "periodic", "drift"), 1) == [("never", "periodic", "drift")]
     assert ReplayConfig(policies=("drift",), workers=4).n_workers() == 1
     assert ReplayConfig(workers=0).n_workers() == 1 and ReplayConfig(workers=2).n_workers() == 2
+    assert ReplayConfig(workers=1).n_workers() == 1  # one process even on a many-core machine
 
 
 def test_baseline_cache_is_shared_through_its_file(tmp_path):

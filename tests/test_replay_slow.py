@@ -41,4 +41,3 @@ def test_drift_policy_beats_never_after_the_drift_with_fewer_retrains_than_perio
     for policy, recs in batches.items():  # the planted bad batch was quarantined by the real ingest flow
         assert "quarantined" in recs[world.bad_batch_day]["ingest"]["statuses"], policy
     assert (tmp_path / "replay" / "reports" / "replay" / "auc.png").stat().st_size > 5000
-
