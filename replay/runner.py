@@ -5,7 +5,9 @@ For each policy, in its own workspace, batch by batch in time order:
 a. **test**: the current champion scores the batch *before* it is ingested (no
    look-ahead), with user histories and item statistics from the store contents older
    than each event's time minus ``settings.feature_lag`` (the label delay, as in
-   training); AUC, NDCG@10, per-group AUC and cold-item AUC are recorded;
+   training); AUC, NDCG@10, per-group AUC and cold-item AUC are recorded, and every
+   event's score is kept (``<policy workspace>/scores/``; the baselines' in
+   ``<root>/baseline_scores/``) so the report can pool AUC over many batches;
 b. **ingest** the batch through the ingest flow (Great Expectations; bad batches are
    quarantined exactly as in production);
 c. **monitor** (drift policy): the monitor flow decides whether to retrain;
@@ -37,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from models.retention import disk_usage
-from recloop.store import atomic_write_json
+from recloop.store import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +151,18 @@ def _valid_rows(batch: pd.DataFrame, catalog_ids: set[str], end: pd.Timestamp) -
 
 
 def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.DataFrame, catalog, users,
-                k: int = 10, group_columns=("gender", "age_bucket"), lag=None) -> dict:
+                k: int = 10, group_columns=("gender", "age_bucket"), lag=None, out: Path | None = None) -> dict:
     """The champion's metrics on ``batch``, each row scored point-in-time from ``history`` older than
-    its time minus ``lag`` (the label delay: ``settings.feature_lag``; None = the model's own)."""
+    its time minus ``lag`` (the label delay: ``settings.feature_lag``; None = the model's own).
+    ``out``: a parquet file that receives every event's score (event_id, label, score)."""
     from models.evaluate import evaluate_scores
 
     scored = batch[["event_id", "user_id", "item_id", "label", "timestamp"]].copy()
     pairs = batch[["user_id", "item_id", "query", "timestamp"]]
     raw = model.score(pairs, history, catalog) if lag is None else model.score(pairs, history, catalog, lag=lag)
     scored["score"] = np.asarray(raw, dtype=float)
+    if out is not None:
+        atomic_write_parquet(scored[["event_id", "label", "score"]].reset_index(drop=True), out)
     train_items = set(model_config.get("item_vocab", []))
     popularity = history.groupby("item_id").size() if len(history) else pd.Series(dtype=float)
     ev = evaluate_scores(scored, users, train_items, popularity, k=k, group_columns=tuple(group_columns))
@@ -166,23 +171,32 @@ def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.Data
                                         "group_auc_gap", "n_events")}
 
 
-def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog) -> dict:
+def batch_file(i: int) -> str:
+    """The file name of batch ``i``'s per-event scores (a policy's ``scores/``, the root's ``baseline_scores/``)."""
+    return f"batch-{i:04d}.parquet"
+
+
+def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog, out: Path | None = None) -> dict:
     """AUC of every baseline on the batch, each fitted on the stored history and scoring point-in-time with
-    the same lag (test-then-train, exactly like the champion). Baselines do not depend on the policy."""
+    the same lag (test-then-train, exactly like the champion). Baselines do not depend on the policy.
+    ``out``: a parquet file that receives every event's label and each baseline's score (a column each)."""
     from models.baselines import make_baselines
     from models.evaluate import auc
 
     if len(history) == 0 or rows["label"].nunique() < 2:
         return {}
-    out = {}
+    aucs, scores = {}, pd.DataFrame({"label": rows["label"].to_numpy()})
     for name, baseline in make_baselines(settings).items():
         try:
             baseline.fit(history, history, catalog)
-            out[name] = auc(rows["label"].to_numpy(), baseline.score(rows, history, catalog))
+            scores[name] = np.asarray(baseline.score(rows, history, catalog), dtype=float)
+            aucs[name] = auc(scores["label"].to_numpy(), scores[name].to_numpy())
         except ValueError as exc:  # e.g. one class in the history so far
-            out[name] = None
+            aucs[name] = None
             log.warning("baseline %s not scored on this batch: %s", name, exc)
-    return out
+    if out is not None:
+        atomic_write_parquet(scores, out)
+    return aucs
 
 
 class BaselineCache:
@@ -230,6 +244,7 @@ class PolicyRun:
             toml.write_text("# written by `recloop replay`\n" + to_toml(replay_overrides(source, cfg)))
         self.settings = load_settings(self.root).ensure_dirs()
         self.progress_path = self.settings.state_dir / "replay.json"
+        self.scores_dir = self.root / "scores"
         self.records: list[dict] = self._load_progress()
         self._champion = (None, None, None)  # (version, model, config)
 
@@ -280,14 +295,16 @@ class PolicyRun:
                     rec.update(score_batch(model, config, rows, history, self.source.catalog,
                                            self.source.users, k=self.settings.gates.k,
                                            group_columns=self.settings.gates.group_columns,
-                                           lag=self.settings.feature_lag))
+                                           lag=self.settings.feature_lag,
+                                           out=self.scores_dir / batch_file(i)))
                 rec["champion_version"] = version
             rec["score_s"] = round(time.perf_counter() - t0, 2)
             # a'. the same batch, every baseline (fitted on the same stored history, same lag)
             if len(rows):
                 rec["baselines"] = self.baselines.get(
-                    i, lambda rows=rows, history=history: baseline_aucs(self.settings, rows, history,
-                                                                        self.source.catalog))
+                    i, lambda rows=rows, history=history, i=i: baseline_aucs(
+                        self.settings, rows, history, self.source.catalog,
+                        out=self.baselines.path.parent / "baseline_scores" / batch_file(i)))
             # b. ingest through the production flow
             t0 = time.perf_counter()
             write_batch(batch, self.settings.landing_dir / f"{self.source.name}-{start.strftime('%Y%m%dT%H%M')}.parquet")
@@ -453,4 +470,4 @@ def run_replay(source: ReplaySource, root: Path, cfg: ReplayConfig, progress=Non
     meta = {"source": source.name, "batches": len(source.batches), "drift_at": None if source.drift_at is None
             else str(source.drift_at), "config": {k: v for k, v in asdict(cfg).items()},
             "workers": len(groups), "seconds": round(time.perf_counter() - t0, 1)}
-    return {**write_reports(root / "reports" / "replay", results, meta), "meta": meta}
+    return {**write_reports(root / "reports" / "replay", results, meta, scores_root=root), "meta": meta}

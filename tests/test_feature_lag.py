@@ -175,17 +175,21 @@ def test_served_scores_at_t_equal_offline_scores_at_t(lagged_model):
     assert np.abs(fresh - lagged_model.score_user(_serving_at(hist, cat, t, LAG), "u0", items)).max() > 1e-5
 
 
-def test_replay_scores_the_batch_with_the_given_lag(lagged_model):
+def test_replay_scores_the_batch_with_the_given_lag(lagged_model, tmp_path):
     from replay.runner import score_batch
 
     hist, cat = _history(), _catalog()
     cut = T0 + pd.Timedelta(hours=40)
     batch = hist[hist.timestamp >= cut].assign(event_id=lambda d: [f"e{k}" for k in range(len(d))], query=None)
     past = hist[hist.timestamp < cut]
-    got = score_batch(lagged_model, lagged_model.config, batch, past, cat, None, group_columns=(), lag=LAG)
+    got = score_batch(lagged_model, lagged_model.config, batch, past, cat, None, group_columns=(), lag=LAG,
+                      out=tmp_path / "scores" / "batch-0000.parquet")
     from models.evaluate import auc
 
     want = lagged_model.score(batch[["user_id", "item_id", "timestamp"]], past, cat, lag=LAG)
     assert got["auc"] == pytest.approx(auc(batch["label"].to_numpy(), want))
+    kept = pd.read_parquet(tmp_path / "scores" / "batch-0000.parquet")  # every event's score, for pooled AUCs
+    assert kept["event_id"].tolist() == batch["event_id"].tolist()
+    np.testing.assert_allclose(kept["score"].to_numpy(), want, rtol=0, atol=1e-12)
     zero = score_batch(lagged_model, lagged_model.config, batch, past, cat, None, group_columns=(), lag=0)
     assert zero["auc"] != got["auc"]

@@ -123,15 +123,18 @@ def test_policy_workspace_carries_the_overrides_for_the_flows(tmp_path):
     assert s.monitor.cooldown_minutes == 0 and s.monitor.min_new_events == 20
 
 
-def test_baselines_are_scored_per_batch_and_compared_on_the_champions_batches(settings, small_world):
+def test_baselines_are_scored_per_batch_and_compared_on_the_champions_batches(settings, small_world, tmp_path):
+    from models.evaluate import auc
     from replay.report import baseline_rows
     from replay.runner import baseline_aucs
 
     ev = small_world.events.sort_values("timestamp").reset_index(drop=True)
     cut = ev["timestamp"].iloc[int(len(ev) * 0.8)]
     history, batch = ev[ev["timestamp"] < cut], ev[ev["timestamp"] >= cut]
-    aucs = baseline_aucs(settings, batch, history, small_world.catalog)
+    aucs = baseline_aucs(settings, batch, history, small_world.catalog, out=tmp_path / "b.parquet")
     assert set(aucs) == {"statistics-lr", "fresh-popularity", "popularity", "mf"}
+    kept = pd.read_parquet(tmp_path / "b.parquet")  # the per-event scores behind each AUC
+    assert len(kept) == len(batch) and all(auc(kept["label"], kept[n]) == pytest.approx(a) for n, a in aucs.items())
     assert aucs["statistics-lr"] > 0.55  # the statistics carry signal on this world: a real, fitted baseline
     assert baseline_aucs(settings, batch, history.iloc[0:0], small_world.catalog) == {}  # nothing to fit on yet
 
@@ -182,6 +185,36 @@ def test_summary_weighs_the_newest_events_and_reports_disk():
     assert out["auc_last_20pct_events"] == (100 * 0.5 + 100 * 0.7) / 200
     assert out["disk_mb_max"] == 30.0
     assert summarize("never", [])["auc_last_20pct_events"] is None
+
+
+def test_pooled_auc_ranks_events_of_different_batches_against_each_other(tmp_path):
+    """Two batches each ranked perfectly on their own (mean batch AUC 1.0) but on different scales: pooled, the
+    second batch's negative outranks the first one's positive (3 of 4 pairs right). A batch no champion scored
+    ties at 0.5; a missing score file gives no pooled AUC rather than a wrong one."""
+    from recloop.store import atomic_write_parquet
+    from replay.report import baseline_rows, pooled_auc
+
+    def put(folder, i, labels, **cols):
+        atomic_write_parquet(pd.DataFrame({"label": labels, **cols}), tmp_path / folder / f"batch-{i:04d}.parquet")
+
+    put("drift/scores", 1, [0, 1], score=[0.1, 0.2])
+    put("drift/scores", 2, [0, 1], score=[0.8, 0.9])
+    for i, s in ((0, [0.3, 0.4]), (1, [0.1, 0.9]), (2, [0.9, 0.1])):
+        put("baseline_scores", i, [0, 1], mf=s, **({"popularity": [0.5, 0.6]} if i else {}))
+    recs = [{"batch": i, "batch_start": f"2026-01-0{i + 1}", "n_rows": 2, "auc": a, "baselines": {"mf": 0.5}}
+            for i, a in enumerate([None, 1.0, 1.0])]
+    assert pooled_auc(tmp_path, "drift", recs[1:], 1.0) == pytest.approx(0.75)
+    # the summary pools over the batches that hold the newest 20 % of events (here: the last one)
+    row = summarize("drift", recs, scores_root=tmp_path)
+    assert row["auc_last_20pct_events"] == 1.0 and row["pooled_auc_last_20pct_events"] == 1.0
+    # batch 0 had no champion: its two events score 0.5 (pairs right: 1.5 + 1 + 3 of 9)
+    assert pooled_auc(tmp_path, "drift", recs, 1.0) == pytest.approx(5.5 / 9)
+    assert pooled_auc(tmp_path, None, recs[1:], 1.0) == {"mf": pytest.approx(0.5), "popularity": pytest.approx(1.0)}
+    # popularity could not score batch 0, so it has no pooled AUC over all three; mf has
+    assert pooled_auc(tmp_path, None, recs, 1.0) == {"mf": pytest.approx(5 / 9)}
+    assert baseline_rows({"drift": recs}, scores_root=tmp_path)[0]["pooled_auc_last_20pct_events"] == 0.0  # mf, batch 2
+    (tmp_path / "drift/scores/batch-0002.parquet").unlink()
+    assert pooled_auc(tmp_path, "drift", recs, 1.0) is None
 
 
 # ---- policies in parallel processes ---------------------------------------------------------------------------

@@ -30,6 +30,11 @@ def test_policies_replay_in_parallel_workers_with_their_own_prefect_homes(tmp_pa
     cache = json.loads((tmp_path / "replay" / "baseline_aucs.json").read_text())
     assert sorted(cache) == ["0", "1", "2"]
     assert [r.get("baselines") for r in doc["batches"]["never"]] == [r.get("baselines") for r in doc["batches"]["drift"]]
+    # every baseline's per-event scores kept once (batch 0 had no history to fit on), pooled in the report
+    assert sorted(f.name for f in (tmp_path / "replay" / "baseline_scores").iterdir()) == ["batch-0001.parquet",
+                                                                                          "batch-0002.parquet"]
+    assert doc["baselines"] and all(0.0 < b["pooled_auc_last_20pct_events"] < 1.0 for b in doc["baselines"])
+    assert {r["pooled_auc_last_20pct_events"] for r in doc["summary"]} == {0.5}  # no champion yet: chance
 
     # a worker that cannot run (its policy folder is a file) fails the replay, naming it
     (tmp_path / "bad").mkdir()
