@@ -79,8 +79,9 @@ def replay(
 
 
 def _render(out: dict) -> None:
-    cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "worst_batch_auc", "retrains",
-            "promotions", "rejected", "failed", "train_seconds"]
+    cols = ["policy", "mean_auc", "mean_auc_after_drift", "auc_last_third", "auc_last_20pct_events",
+            "pooled_auc_last_20pct_events", "worst_batch_auc", "retrains", "promotions", "rejected", "failed",
+            "train_seconds"]
     table("replay", cols, [[_f(r.get(c)) for c in cols] for r in out["summary"]])
     print(f"plot: {out['plot']}\nsummary: {out['markdown']}\nall numbers: {out['json']}")
 

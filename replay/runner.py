@@ -2,14 +2,15 @@
 
 For each policy, in its own workspace, batch by batch in time order:
 
-a. **test**: the current champion scores the batch *before* it is ingested (no
-   look-ahead), with user histories and item statistics from the store contents older
-   than each event's time minus ``settings.feature_lag`` (the label delay, as in
-   training); AUC, NDCG@10, per-group AUC and cold-item AUC are recorded, and every
+a. **test**: the champion of before the batch scores it (no look-ahead: it never trained
+   on the batch), with user histories and item statistics point-in-time from the store
+   with the batch ingested: a row at t sees the events older than t - ``settings.feature_lag``
+   (the label delay, as in training and serving), the batch's own earlier ones included,
+   never its own label; AUC, NDCG@10, per-group AUC and cold-item AUC are recorded, and every
    event's score is kept (``<policy workspace>/scores/``; the baselines' in
    ``<root>/baseline_scores/``) so the report can pool AUC over many batches;
 b. **ingest** the batch through the ingest flow (Great Expectations; bad batches are
-   quarantined exactly as in production);
+   quarantined exactly as in production) - before the test of a., which reads the store;
 c. **monitor** (drift policy): the monitor flow decides whether to retrain;
 d. **train** according to the policy, through the production retrain flow and its gates:
    ``never`` trains once after the first ``initial_periods``; ``periodic`` then every
@@ -151,10 +152,12 @@ def _valid_rows(batch: pd.DataFrame, catalog_ids: set[str], end: pd.Timestamp) -
 
 
 def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.DataFrame, catalog, users,
-                k: int = 10, group_columns=("gender", "age_bucket"), lag=None, out: Path | None = None) -> dict:
+                k: int = 10, group_columns=("gender", "age_bucket"), lag=None, out: Path | None = None,
+                known: pd.DataFrame | None = None) -> dict:
     """The champion's metrics on ``batch``, each row scored point-in-time from ``history`` older than
     its time minus ``lag`` (the label delay: ``settings.feature_lag``; None = the model's own).
-    ``out``: a parquet file that receives every event's score (event_id, label, score)."""
+    ``out``: a parquet file that receives every event's score (event_id, label, score); ``known``: the
+    events before the batch, whose item popularity sorts items into head and tail (default ``history``)."""
     from models.evaluate import evaluate_scores
 
     scored = batch[["event_id", "user_id", "item_id", "label", "timestamp"]].copy()
@@ -164,7 +167,8 @@ def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.Data
     if out is not None:
         atomic_write_parquet(scored[["event_id", "label", "score"]].reset_index(drop=True), out)
     train_items = set(model_config.get("item_vocab", []))
-    popularity = history.groupby("item_id").size() if len(history) else pd.Series(dtype=float)
+    known = history if known is None else known
+    popularity = known.groupby("item_id").size() if len(known) else pd.Series(dtype=float)
     ev = evaluate_scores(scored, users, train_items, popularity, k=k, group_columns=tuple(group_columns))
     d = ev.to_dict()
     return {key: d.get(key) for key in ("auc", "ndcg_at_k", "recall_at_k", "cold_item_auc", "per_group_auc",
@@ -176,9 +180,11 @@ def batch_file(i: int) -> str:
     return f"batch-{i:04d}.parquet"
 
 
-def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog, out: Path | None = None) -> dict:
-    """AUC of every baseline on the batch, each fitted on the stored history and scoring point-in-time with
-    the same lag (test-then-train, exactly like the champion). Baselines do not depend on the policy.
+def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog, out: Path | None = None,
+                  features: pd.DataFrame | None = None) -> dict:
+    """AUC of every baseline on the batch, each fitted on ``history`` (the store before the batch) and scoring
+    point-in-time with the same lag over ``features`` (default ``history``; the replay passes the store with the
+    batch in it, as the champion gets). Test-then-train, like the champion; baselines do not depend on the policy.
     ``out``: a parquet file that receives every event's label and each baseline's score (a column each)."""
     from models.baselines import make_baselines
     from models.evaluate import auc
@@ -189,7 +195,8 @@ def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog, 
     for name, baseline in make_baselines(settings).items():
         try:
             baseline.fit(history, history, catalog)
-            scores[name] = np.asarray(baseline.score(rows, history, catalog), dtype=float)
+            scores[name] = np.asarray(baseline.score(rows, history if features is None else features, catalog),
+                                      dtype=float)
             aucs[name] = auc(scores["label"].to_numpy(), scores[name].to_numpy())
         except ValueError as exc:  # e.g. one class in the history so far
             aucs[name] = None
@@ -285,32 +292,35 @@ class PolicyRun:
                 continue
             end = batches[i + 1][0] if i + 1 < len(batches) else start + pd.Timedelta(days=365)
             rec: dict = {"batch": i, "batch_start": str(start), "n_rows": len(batch)}
-            # a. test: the champion scores the batch before it is ingested
-            t0 = time.perf_counter()
-            version, model, config = self._champion_model()
+            version, model, config = self._champion_model()  # the model as it stood before the batch
             rows = _valid_rows(batch, catalog_ids, end)
-            history = store.read()
+            before = store.read()
+            # b. ingest the batch through the production flow
+            t0 = time.perf_counter()
+            write_batch(batch, self.settings.landing_dir / f"{self.source.name}-{start.strftime('%Y%m%dT%H%M')}.parquet")
+            ingested = ingest_flow(workspace=str(self.settings.root))
+            rec["ingest"] = _ingest_summary(ingested)
+            rec["ingest_s"] = round(time.perf_counter() - t0, 2)
+            # a. test: that model scores the batch; features point-in-time from the store with the batch in it,
+            # so a row at t sees what the store held at t - lag (the batch's own earlier events included, as
+            # serving would): as fresh as the label lag allows, never the row's own label
+            t0 = time.perf_counter()
+            history = store.read() if rec["ingest"]["n_new"] else before
             if model is not None:
                 if len(rows) and rows["label"].nunique() == 2:
                     rec.update(score_batch(model, config, rows, history, self.source.catalog,
                                            self.source.users, k=self.settings.gates.k,
                                            group_columns=self.settings.gates.group_columns,
                                            lag=self.settings.feature_lag,
-                                           out=self.scores_dir / batch_file(i)))
+                                           out=self.scores_dir / batch_file(i), known=before))
                 rec["champion_version"] = version
             rec["score_s"] = round(time.perf_counter() - t0, 2)
-            # a'. the same batch, every baseline (fitted on the same stored history, same lag)
+            # a'. the same batch, every baseline: fitted on the store before the batch, features as the champion's
             if len(rows):
                 rec["baselines"] = self.baselines.get(
-                    i, lambda rows=rows, history=history, i=i: baseline_aucs(
-                        self.settings, rows, history, self.source.catalog,
-                        out=self.baselines.path.parent / "baseline_scores" / batch_file(i)))
-            # b. ingest through the production flow
-            t0 = time.perf_counter()
-            write_batch(batch, self.settings.landing_dir / f"{self.source.name}-{start.strftime('%Y%m%dT%H%M')}.parquet")
-            ingested = ingest_flow(workspace=str(self.settings.root))
-            rec["ingest"] = _ingest_summary(ingested)
-            rec["ingest_s"] = round(time.perf_counter() - t0, 2)
+                    i, lambda rows=rows, before=before, history=history, i=i: baseline_aucs(
+                        self.settings, rows, before, self.source.catalog,
+                        out=self.baselines.path.parent / "baseline_scores" / batch_file(i), features=history))
             # c. monitor (the drift policy acts on it)
             monitor = None
             t0 = time.perf_counter()

@@ -179,16 +179,25 @@ def test_train_routes_window_features_and_catalog_through_the_engine(settings, t
     assert not engine.closed  # an engine passed in belongs to the caller
 
 
-def test_the_refit_uses_the_engine_too():
-    """Both datamodules of ``_train`` (the selection run's and the refit's, in ``_refit``) get the engine's
-    keywords (the refit's is not reached in the test above)."""
-    import inspect
-
+def test_the_refit_uses_the_engine_too(settings, tiny_encoder, one_torch_thread):
+    """A whole training with a refit (no source inspection): the refit's datamodule, built in ``_refit``,
+    computes the whole window's features through the engine too, after the selection run's two parts."""
     from models import train
+    from models.network import _TEXT_CACHE
+    from recloop.datasets.synthetic import generate
+    from tests.conftest import small_world_config
 
-    for fn in (train._train, train._refit):
-        src = inspect.getsource(fn)
-        assert src.count("RecDataModule(") == 1 and src.count("**_engine_kwargs(engine)") == 1, fn.__name__
+    world = generate(small_world_config(n_days=6))
+    settings.training.encoder_path = str(tiny_encoder)
+    settings.training.embed_dim = 32
+    _TEXT_CACHE.clear()
+    engine = RecordingEngine()
+    trained = train.train_recommender(settings, world.events, world.catalog, fast_dev_run=True, engine=engine,
+                                      refit_full=True, ranker="none")
+    n = len(world.events)
+    rows = [r for r, _, _ in engine.feature_rows]
+    assert trained.refit_full and sum(rows[:2]) == n and min(rows[:2]) > 0, rows  # the selection run's parts
+    assert rows[2:] == [n, 0] and engine.feature_rows[2][1] == n  # the refit: every row (no validation part)
     assert train._engine_kwargs(train.PandasEngine()) == {}
     eng = RecordingEngine()
     assert train._engine_kwargs(eng) == {"features": eng.point_in_time_features}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -259,3 +260,53 @@ def test_worker_environment_is_set_only_around_the_spawn(monkeypatch, tmp_path):
     assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # a shared server: no own home
     assert "PREFECT_HOME" not in _worker_env(tmp_path, ("drift",), 1)
+
+
+def test_a_batch_is_scored_with_features_as_fresh_as_the_lag_allows(tmp_path, monkeypatch):
+    """The champion of before the batch scores it with the store as it stands once the batch is ingested (a row
+    at t sees the batch's own events older than t - lag: point-in-time inside ``score``), the baselines are
+    fitted on the store before the batch and score with the same history. Tiny fakes for the ingest flow, the
+    model and the baselines (the real ones: tests/test_replay_workers.py, tests/test_feature_lag.py)."""
+    import flows.ingest
+    import models.baselines
+    from recloop.store import FeedbackStore
+    from replay.runner import PolicyRun, synthetic_source
+    from tests.conftest import small_world_config
+
+    src = synthetic_source(small_world_config(n_days=3, drift_day=None, bad_batch_day=None))
+    run = PolicyRun("never", src, tmp_path, ReplayConfig(policies=("never",), initial_periods=10, max_batches=2))
+    store = FeedbackStore.from_settings(run.settings)
+
+    def fake_ingest(workspace=None):
+        for f in sorted(run.settings.landing_dir.glob("*.parquet")):
+            store.append(pd.read_parquet(f), batch_id=f.name)
+            f.unlink()
+        return {"outcomes": [{"status": "ingested", "n_new": 1}]}
+
+    seen: dict[str, list] = {"model": [], "fit": [], "score": []}
+
+    class Model:
+        config: dict = {}
+
+        def score(self, pairs, history, catalog, lag=None):
+            seen["model"].append(set(history["event_id"]))
+            return np.linspace(0, 1, len(pairs))
+
+    class Baseline:
+        def fit(self, train, history, catalog):
+            seen["fit"].append(set(train["event_id"]))
+            return self
+
+        def score(self, rows, history, catalog):
+            seen["score"].append(set(history["event_id"]))
+            return np.linspace(0, 1, len(rows))
+
+    monkeypatch.setattr(flows.ingest, "ingest_flow", fake_ingest)
+    monkeypatch.setattr(models.baselines, "make_baselines", lambda settings: {"fake": Baseline()})
+    monkeypatch.setattr(run, "_champion_model", lambda: ("1", Model(), {}))
+    run.run()
+    first, second = (set(b["event_id"]) for _, b in src.batches[:2])
+    assert seen["model"] == [first, first | second]  # each batch's own events are in the history it is scored with
+    assert seen["fit"] == [first]  # batch 0 had nothing stored before it: no baseline; batch 1's fit without it
+    assert seen["score"] == [first | second]
+    assert (run.scores_dir / "batch-0001.parquet").exists()
