@@ -240,7 +240,7 @@ def draw(results: dict[str, list[dict]], drift_at: str | None = None, title: str
     locator = mdates.AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    ax.set_xlabel("batch start (UTC); each batch scored by the champion before it is ingested")
+    ax.set_xlabel("batch start (UTC); each batch scored by the champion of before it (features: the store, lagged)")
     ax.set_ylabel("AUC")
     ax.set_title(title or "replay: AUC per batch")
     ax.grid(alpha=0.3)

@@ -286,8 +286,6 @@ def test_a_batch_is_scored_with_features_as_fresh_as_the_lag_allows(tmp_path, mo
     seen: dict[str, list] = {"model": [], "fit": [], "score": []}
 
     class Model:
-        config: dict = {}
-
         def score(self, pairs, history, catalog, lag=None):
             seen["model"].append(set(history["event_id"]))
             return np.linspace(0, 1, len(pairs))

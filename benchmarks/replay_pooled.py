@@ -1,0 +1,66 @@
+"""A finished replay's champions against a baseline on the newest events, pooled, with a user-bootstrap CI.
+
+    .venv/bin/python benchmarks/replay_pooled.py WORKDIR [--baseline statistics-lr] [--share 0.2]
+
+Reads what ``recloop replay -w WORKDIR`` kept: each policy's per-event scores (``<policy>/scores/``), the
+baselines' (``baseline_scores/``) and the per-batch records (``reports/replay/replay.json``). Over the batches
+that hold the newest ``share`` of the events (as the replay's summary), one AUC per policy and for the baseline
+on the same events, and the difference with a 95 % paired bootstrap interval that resamples users (as the
+promotion gate does; users from the policy's store). Also: in how many batches the champion beat the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def compare(root: Path, baseline: str = "statistics-lr", share: float = 0.2) -> dict:
+    import pandas as pd
+
+    from models.bootstrap import paired_bootstrap_auc
+    from recloop.settings import load_settings
+    from recloop.store import FeedbackStore
+    from replay.report import newest_batches
+
+    doc = json.loads((root / "reports" / "replay" / "replay.json").read_text())
+    out = {}
+    for policy, records in doc["batches"].items():
+        scored = [r for r in newest_batches(records, share) if r.get("auc") is not None]
+        if not scored:
+            out[policy] = None  # no champion served these batches
+            continue
+        names = [f"batch-{int(r['batch']):04d}.parquet" for r in scored]
+        own = pd.concat([pd.read_parquet(root / policy / "scores" / n) for n in names], ignore_index=True)
+        base = pd.concat([pd.read_parquet(root / "baseline_scores" / n) for n in names], ignore_index=True)
+        if len(own) != len(base) or (own["label"].to_numpy() != base["label"].to_numpy()).any():
+            raise ValueError(f"{policy}: its scores and the baselines' are not the same events")
+        stored = FeedbackStore.from_settings(load_settings(root / policy)).read(columns=["event_id", "user_id"])
+        users = own["event_id"].map(dict(zip(stored["event_id"], stored["user_id"]))).astype(str).to_numpy()
+        ci = paired_bootstrap_auc(own["label"].to_numpy(), own["score"].to_numpy(), base[baseline].to_numpy(),
+                                  samples=500, seed=0, groups=users)
+        wins = [r["auc"] > r["baselines"][baseline] for r in records
+                if r.get("auc") is not None and (r.get("baselines") or {}).get(baseline) is not None]
+        out[policy] = {"events": len(own), "batches": len(scored), "delta": ci.estimate, "ci95": [ci.low, ci.high],
+                       "batches_won": sum(wins), "batches_compared": len(wins)}
+        print(f"{policy:9s} {len(own):,} events in {len(scored)} batches: AUC - {baseline} = {ci.estimate:+.4f} "
+              f"[{ci.low:+.4f}, {ci.high:+.4f}] (users resampled); above it in {sum(wins)} of {len(wins)} batches")
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--baseline", default="statistics-lr")
+    ap.add_argument("--share", type=float, default=0.2)
+    args = ap.parse_args(argv)
+    return compare(args.workdir, args.baseline, args.share)
+
+
+if __name__ == "__main__":
+    main()
