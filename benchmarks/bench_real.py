@@ -202,16 +202,16 @@ def train(cache: Path = DEFAULT_CACHE, lags=(0.0, 600.0), test_events: int = 20_
         t_eval = time.perf_counter() - t0 - t_train
         past = model.score(rows, tr, data.catalog)
         base = StatisticsBaseline(lag=pd.Timedelta(seconds=float(lag))).fit(tr, ev, data.catalog)
-        y = te["label"].to_numpy()
+        y, base_fresh = te["label"].to_numpy(), base.score(rows, ev, data.catalog)
         res = {"train_s": round(t_train, 1), "train_eval_s": round(t_train + t_eval, 1),
                "timings": {k: round(v, 1) for k, v in trained.timings.items()}, "ranker": trained.ranker,
                "model_fresh": _auc_table(y, fresh, te, users),
                "model_train_history": _auc_table(y, past, te, users),
-               "statistics_lr_fresh": _auc_table(y, base.score(rows, ev, data.catalog), te, users),
+               "statistics_lr_fresh": _auc_table(y, base_fresh, te, users),
                "statistics_lr_train_history": _auc_table(y, base.score(rows, tr, data.catalog), te, users)}
         from models.bootstrap import paired_bootstrap_auc
 
-        ci = paired_bootstrap_auc(y, fresh, base.score(rows, ev, data.catalog), samples=500, seed=0,
+        ci = paired_bootstrap_auc(y, fresh, base_fresh, samples=500, seed=0,
                                   groups=te["user_id"].astype(str).to_numpy())  # users resampled, as the gate does
         res["delta_vs_statistics_lr_fresh"] = {"delta": ci.estimate, "ci95": [ci.low, ci.high]}
         if gap_days and model.collab is not None:

@@ -26,7 +26,7 @@ def compare(root: Path, baseline: str = "statistics-lr", share: float = 0.2) -> 
     from models.bootstrap import paired_bootstrap_auc
     from recloop.settings import load_settings
     from recloop.store import FeedbackStore
-    from replay.report import newest_batches
+    from replay.report import batch_file, newest_batches
 
     doc = json.loads((root / "reports" / "replay" / "replay.json").read_text())
     out = {}
@@ -35,7 +35,7 @@ def compare(root: Path, baseline: str = "statistics-lr", share: float = 0.2) -> 
         if not scored:
             out[policy] = None  # no champion served these batches
             continue
-        names = [f"batch-{int(r['batch']):04d}.parquet" for r in scored]
+        names = [batch_file(r["batch"]) for r in scored]
         own = pd.concat([pd.read_parquet(root / policy / "scores" / n) for n in names], ignore_index=True)
         base = pd.concat([pd.read_parquet(root / "baseline_scores" / n) for n in names], ignore_index=True)
         if len(own) != len(base) or (own["label"].to_numpy() != base["label"].to_numpy()).any():

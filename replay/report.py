@@ -79,59 +79,57 @@ def _last_events_auc(records: list[dict], share: float) -> float | None:
     return num / got if got else None
 
 
-def _scores(path: Path, column: str):
-    import pandas as pd
-
-    frame = pd.read_parquet(path)
-    return frame["label"].to_numpy(), frame[column].to_numpy(dtype=float)
+def batch_file(i: int) -> str:
+    """The file name of batch ``i``'s per-event scores (a policy's ``scores/``, the root's ``baseline_scores/``)."""
+    return f"batch-{int(i):04d}.parquet"
 
 
-def pooled_auc(root: Path, policy: str | None, records: list[dict], share: float) -> float | dict | None:
+def pooled_auc(root: Path, policy: str, records: list[dict], share: float) -> float | None:
     """One AUC over every scored event of the batches that hold the newest ``share`` of the events (the
     batches of :func:`newest_batches`; each event scored by the model served when it arrived), from the
-    per-event scores the replay keeps. Unlike the mean of per-batch AUCs it also ranks events of different
-    weeks against each other, as a holdout benchmark over the same events does.
+    per-event scores the replay keeps under ``root``. Unlike the mean of per-batch AUCs it also ranks events
+    of different weeks against each other, as a holdout benchmark over the same events does.
 
-    ``policy``: that policy's champion (an event no champion scored counts as 0.5, a tie with all others);
-    ``None``: every baseline, as ``{name: AUC}``. ``None`` when a score file is missing (a replay from before
-    the scores were kept)."""
+    An event no champion scored counts as 0.5 (a tie with all others; its label from the baselines' file); a
+    batch nothing scored (no history yet, one class) is left out. ``None`` when a score file is missing (a
+    replay from before the scores were kept)."""
+    import pandas as pd
+
     from models.evaluate import auc
 
-    labels, scores, base, n_files = [], [], {}, 0
+    labels, scores = [], []
     for r in newest_batches(records, share):
-        name = f"batch-{int(r['batch']):04d}.parquet"
-        base_file, own = root / "baseline_scores" / name, root / str(policy) / "scores" / name
-        if policy is not None and r.get("auc") is not None:
-            if not own.exists():
-                return None
-            y, s = _scores(own, "score")
-        elif base_file.exists():
-            import pandas as pd
-
-            frame = pd.read_parquet(base_file)
-            if policy is not None:
-                y, s = frame["label"].to_numpy(), np.full(len(frame), 0.5)
-            else:
-                n_files += 1
-                for col in frame.columns.drop("label"):
-                    base.setdefault(col, ([], []))
-                    base[col][0].append(frame["label"].to_numpy())
-                    base[col][1].append(frame[col].to_numpy(dtype=float))
-                continue
+        if r.get("auc") is not None:
+            path = root / policy / "scores" / batch_file(r["batch"])
+        elif r.get("baselines"):
+            path = root / "baseline_scores" / batch_file(r["batch"])
         else:
-            if r.get("baselines"):
-                return None  # scored, but its file is gone
-            continue  # nothing scored in this batch (one class, or no history yet)
-        labels.append(y)
-        scores.append(s)
-    if policy is None:
-        out = {n: auc(np.concatenate(ys), np.concatenate(ss)) for n, (ys, ss) in sorted(base.items())
-               if len(ys) == n_files}  # a baseline that could not score one of the batches has no pooled AUC
-        return {n: (None if math.isnan(v) else v) for n, v in out.items()} or None
-    if not labels:
-        return None
-    value = auc(np.concatenate(labels), np.concatenate(scores))
+            continue
+        if not path.exists():
+            return None
+        frame = pd.read_parquet(path)
+        labels.append(frame["label"].to_numpy())
+        scores.append(frame["score"].to_numpy(dtype=float) if r.get("auc") is not None else np.full(len(frame), 0.5))
+    value = auc(np.concatenate(labels), np.concatenate(scores)) if labels else float("nan")
     return None if math.isnan(value) else value
+
+
+def pooled_baseline_aucs(root: Path, records: list[dict], share: float) -> dict[str, float | None]:
+    """:func:`pooled_auc` of every baseline over the same batches (``{}`` when a score file is missing); a
+    baseline that could not score one of them has none."""
+    import pandas as pd
+
+    from models.evaluate import auc
+
+    paths = [root / "baseline_scores" / batch_file(r["batch"]) for r in newest_batches(records, share)
+             if r.get("baselines")]
+    if not paths or not all(p.exists() for p in paths):
+        return {}
+    frames = [pd.read_parquet(p) for p in paths]
+    names = set.intersection(*(set(f.columns) - {"label"} for f in frames))
+    y = np.concatenate([f["label"].to_numpy() for f in frames])
+    out = {n: auc(y, np.concatenate([f[n].to_numpy(dtype=float) for f in frames])) for n in sorted(names)}
+    return {n: None if math.isnan(v) else v for n, v in out.items()}
 
 
 def _strongest_baseline(scored: list[dict]) -> dict:
@@ -149,7 +147,7 @@ def baseline_rows(results: dict[str, list[dict]], drift_at: str | None = None,
                   scores_root: Path | None = None) -> list[dict]:
     """Each baseline over every batch it scored (fitted on the stored history before the batch, same lag)."""
     first = next(iter(results.values()), [])
-    pooled = (pooled_auc(scores_root, None, first, 0.2) if scores_root is not None else None) or {}
+    pooled = pooled_baseline_aucs(scores_root, first, 0.2) if scores_root is not None else {}
     rows = []
     for name in sorted({n for r in first for n in (r.get("baselines") or {})}):
         vals = [(r["batch_start"], r["baselines"].get(name)) for r in first if r.get("baselines")]

@@ -41,6 +41,7 @@ import pandas as pd
 
 from models.retention import disk_usage
 from recloop.store import atomic_write_json, atomic_write_parquet
+from replay.report import batch_file
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,6 @@ def score_batch(model, model_config: dict, batch: pd.DataFrame, history: pd.Data
     d = ev.to_dict()
     return {key: d.get(key) for key in ("auc", "ndcg_at_k", "recall_at_k", "cold_item_auc", "per_group_auc",
                                         "group_auc_gap", "n_events")}
-
-
-def batch_file(i: int) -> str:
-    """The file name of batch ``i``'s per-event scores (a policy's ``scores/``, the root's ``baseline_scores/``)."""
-    return f"batch-{i:04d}.parquet"
 
 
 def baseline_aucs(settings, rows: pd.DataFrame, history: pd.DataFrame, catalog, out: Path | None = None,

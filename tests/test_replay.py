@@ -193,7 +193,7 @@ def test_pooled_auc_ranks_events_of_different_batches_against_each_other(tmp_pat
     second batch's negative outranks the first one's positive (3 of 4 pairs right). A batch no champion scored
     ties at 0.5; a missing score file gives no pooled AUC rather than a wrong one."""
     from recloop.store import atomic_write_parquet
-    from replay.report import baseline_rows, pooled_auc
+    from replay.report import baseline_rows, pooled_auc, pooled_baseline_aucs
 
     def put(folder, i, labels, **cols):
         atomic_write_parquet(pd.DataFrame({"label": labels, **cols}), tmp_path / folder / f"batch-{i:04d}.parquet")
@@ -210,12 +210,14 @@ def test_pooled_auc_ranks_events_of_different_batches_against_each_other(tmp_pat
     assert row["auc_last_20pct_events"] == 1.0 and row["pooled_auc_last_20pct_events"] == 1.0
     # batch 0 had no champion: its two events score 0.5 (pairs right: 1.5 + 1 + 3 of 9)
     assert pooled_auc(tmp_path, "drift", recs, 1.0) == pytest.approx(5.5 / 9)
-    assert pooled_auc(tmp_path, None, recs[1:], 1.0) == {"mf": pytest.approx(0.5), "popularity": pytest.approx(1.0)}
+    assert pooled_baseline_aucs(tmp_path, recs[1:], 1.0) == {"mf": pytest.approx(0.5), "popularity": pytest.approx(1.0)}
     # popularity could not score batch 0, so it has no pooled AUC over all three; mf has
-    assert pooled_auc(tmp_path, None, recs, 1.0) == {"mf": pytest.approx(5 / 9)}
+    assert pooled_baseline_aucs(tmp_path, recs, 1.0) == {"mf": pytest.approx(5 / 9)}
     assert baseline_rows({"drift": recs}, scores_root=tmp_path)[0]["pooled_auc_last_20pct_events"] == 0.0  # mf, batch 2
     (tmp_path / "drift/scores/batch-0002.parquet").unlink()
     assert pooled_auc(tmp_path, "drift", recs, 1.0) is None
+    (tmp_path / "baseline_scores/batch-0001.parquet").unlink()
+    assert pooled_baseline_aucs(tmp_path, recs, 1.0) == {}
 
 
 # ---- policies in parallel processes ---------------------------------------------------------------------------
