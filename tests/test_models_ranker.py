@@ -109,7 +109,8 @@ def test_a_fusion_row_never_sees_its_own_label(split, world):
     from models.ranker import FUSION_COLUMNS
 
     knn = FUSION_COLUMNS.index("knn_resid")
-    assert np.isfinite(base).all() and base[:, knn].std() > 0  # kNN varies: the check below is not vacuous
+    resid = FUSION_COLUMNS.index("user_resid")
+    assert np.isfinite(base).all() and base[:, knn].std() > 0 and base[:, resid].std() > 0  # not vacuous
     offset = len(dm.train_events) - len(base)
     labels = dm.train_events["label"].to_numpy()
     # the smoothing prior is one global like-rate of the train part: each flip is paired with the opposite
@@ -283,3 +284,21 @@ def test_item_knn_reads_similar_items_residuals():
     assert liked_a[0][0] > 0 > disliked_a[0][0] and liked_a[1][0] > 0
     none = collab.knn(np.array([[-1]]), np.array([[1]]), np.array([b]))  # no history: zero
     assert none[0][0] == 0 and none[1][0] == 0
+
+
+def test_user_resid_separates_leniency_from_the_items_chosen():
+    """Two users with the same raw like-rate (liked 1 of 1): the one who liked an item people dislike is lenient,
+    the one who liked an item everyone likes is not - the residual tells them apart, the raw rate cannot."""
+    from models.cf import CollabModel
+
+    rows = [(f"u{u}", "good", 1) for u in range(10)] + [(f"u{u}", "bad", int(u < 1)) for u in range(10)]
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "label"])
+    ev["timestamp"] = pd.Timestamp("2026-01-01", tz="UTC")
+    collab = CollabModel.fit(ev, lambda ids: np.eye(2, dtype=np.float32)[[["bad", "good"].index(i) for i in ids]],
+                             0.5)
+    good, bad = collab.index_of(["good", "bad"])
+    lenient, usual = collab.user_resid(np.array([[-1, bad], [-1, good]]), np.array([[0, 1], [0, 1]]))
+    assert lenient > 0.1 > usual > 0 and lenient - usual > 0.05
+    assert collab.user_resid(np.array([[-1, -1]]), np.array([[1, 1]]))[0] == 0  # no known events: zero
+    harsh = collab.user_resid(np.array([[good, good]]), np.array([[0, 0]]))[0]  # disliked what everyone likes
+    assert harsh < -0.1
