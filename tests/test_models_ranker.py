@@ -302,3 +302,25 @@ def test_user_resid_separates_leniency_from_the_items_chosen():
     assert collab.user_resid(np.array([[-1, -1]]), np.array([[1, 1]]))[0] == 0  # no known events: zero
     harsh = collab.user_resid(np.array([[good, good]]), np.array([[0, 0]]))[0]  # disliked what everyone likes
     assert harsh < -0.1
+
+
+def test_a_ranker_saved_before_a_column_was_added_still_scores(tmp_path):
+    """A champion registered before ``user_resid`` existed reads its own columns, by name, from today's matrix."""
+    from models.ranker import FUSION_COLUMNS, RANKER_COLUMNS, Ranker
+
+    rng = np.random.default_rng(1)
+    old = tuple(c for c in FUSION_COLUMNS if c != "user_resid")
+    full = rng.normal(size=(800, len(RANKER_COLUMNS))).astype(np.float32)
+    pick = [RANKER_COLUMNS.index(c) for c in old]
+    y = (full[:, pick[-1]] + full[:, 0] + rng.normal(size=800) > 0).astype(int)
+    r = Ranker.fit(full[:, pick], y, "lightgbm", seed=0, columns=old)
+    r.fit_blend(full[:, pick], full[:, 0], full[:, 1], y)
+    r.save(tmp_path)
+    loaded = Ranker.load(tmp_path)
+    got = loaded.logit(full)
+    np.testing.assert_allclose(got, r.logit(full))
+    moved = full.copy()
+    moved[:, RANKER_COLUMNS.index("user_resid")] += 5.0  # a column it never saw does not move its scores
+    np.testing.assert_array_equal(loaded.logit(moved), got)
+    moved[:, pick[-1]] += 5.0  # one it did see does (read by name: not the matrix's first len(old) columns)
+    assert not np.array_equal(loaded.logit(moved), got)
