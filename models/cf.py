@@ -246,7 +246,7 @@ class CollabModel:
     def features(self, hist: np.ndarray, cand: np.ndarray, cat_n: np.ndarray, cat_pos: np.ndarray,
                  text_prior: np.ndarray, prior: float, wide: np.ndarray, recent: np.ndarray | None = None,
                  recent_labels: np.ndarray | None = None) -> np.ndarray:
-        """``CF_COLUMNS`` [n, 8] float32. ``hist``/``cand``: count indices (:meth:`index_of`);
+        """``CF_COLUMNS`` [n, len(CF_COLUMNS)] float32. ``hist``/``cand``: count indices (:meth:`index_of`);
         ``cat_n``/``cat_pos``: population counts of the row's category; ``text_prior``: :meth:`text_prior`
         of the candidate; ``prior``: the model's prior; ``wide``: the rows' ``WIDE_COLUMNS``;
         ``recent`` / ``recent_labels``: the user's last events (count indices) and labels (:meth:`knn`)."""

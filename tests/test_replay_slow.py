@@ -31,9 +31,9 @@ def test_drift_policy_beats_never_after_the_drift_with_fewer_retrains_than_perio
     assert drift["promotions"] >= 1 and drift["failed"] == 0 and never["failed"] == 0
     # With the two-stage model (fresh point-in-time statistics feed the ranker) the never-retrained champion
     # adapts to this planted drift through its statistics, and drift-triggered retraining no longer pays
-    # (-0.008 measured with user_resid, -0.005 with fresh features in the replay, -0.002 before; +0.041 with the previous one-stage
-    # model). What must hold: retraining on drift is never much worse than not retraining, and every policy
-    # reports the strongest baseline on its batches.
+    # (-0.008 measured with user_resid, -0.005 with fresh features in the replay, -0.002 before; +0.041 with
+    # the previous one-stage model). What must hold: retraining on drift is never much worse than not
+    # retraining, and every policy reports the strongest baseline on its batches.
     assert margin > -0.02
     assert all(r["best_baseline"] == "statistics-lr" and r["best_baseline_auc"] for r in rows.values())
     import json
