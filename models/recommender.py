@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models.cf import CollabModel, category_counts, serving_category_counts
+from models.cf import CollabModel, category_counts, serving_category_counts, text_similarity
 from models.data import ItemIndex, clean_queries, encode_ids
 from models.features import WIDE_COLUMNS, ServingStats, UserStats, lag_ns, point_in_time_features
 from models.network import TextEncoder, TwoTowerWide
@@ -315,8 +315,13 @@ class Recommender:
         prior_t = self.collab.text_prior(self.text_vectors([items.texts[p] for p in uniq]).numpy())[inv]
         rec = feats.recent_items
         rec_cf = np.where(rec >= 0, pos_map[np.maximum(rec, 0)], -1) if len(pos_map) else np.full_like(rec, -1)
+        need = np.unique(np.concatenate([uniq, rec[rec >= 0]]))  # text vectors: candidates + recent events
+        local = np.full(len(items.item_ids), -1, dtype=np.int64)
+        local[need] = np.arange(len(need))
+        vecs = self.text_vectors([items.texts[p] for p in need]).numpy()
+        sims = text_similarity(vecs, local[target], np.where(rec >= 0, local[np.maximum(rec, 0)], -1))
         cf = self.collab.features(hist_cf, pos_map[target], cat_n, cat_pos, prior_t, self.config["prior"], feats.wide,
-                                  rec_cf, feats.recent_labels)
+                                  rec_cf, feats.recent_labels, sims)
         return _sigmoid(self.ranker.logit(ranker_matrix(logit, cos, feats.wide, cf)))
 
     def item_vectors(self, catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -423,9 +428,16 @@ class Recommender:
         rec_cf = np.full(len(rec), -1, dtype=np.int64)
         rec_cf[rec >= 0] = collab.index_of(stats.item_ids[rec[rec >= 0]])
         n = len(pos)
+        # text cosines candidate x recent event: one table [candidates; the user's recent events' texts]
+        rec_vecs = self.text_vectors([stats.item_texts[p] for p in rec[rec >= 0].tolist()]).numpy()
+        slot = np.full(len(rec), -1, dtype=np.int64)
+        slot[rec >= 0] = n + np.arange(int((rec >= 0).sum()))
+        sims = text_similarity(np.concatenate([vecs, rec_vecs.reshape(-1, vecs.shape[1])]), np.arange(n),
+                               np.broadcast_to(slot, (n, len(slot))))
         cf = collab.features(np.broadcast_to(hist_cf, (n, len(hist_cf))), collab.index_of(item_ids),
                              cache[1][cat], cache[2][cat], collab.text_prior(vecs), self.config["prior"], wide,
-                             np.broadcast_to(rec_cf, (n, len(rec_cf))), np.broadcast_to(rec_labels, (n, len(rec_labels))))
+                             np.broadcast_to(rec_cf, (n, len(rec_cf))), np.broadcast_to(rec_labels, (n, len(rec_labels))),
+                             sims)
         return _sigmoid(self.ranker.logit(ranker_matrix(logits, cos, wide, cf)))
 
     def score_user(self, stats: ServingStats, user_id: str, item_ids, query: str | None = None) -> np.ndarray:

@@ -51,7 +51,7 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping
 
 from models import _quiet  # noqa: F401  (before lightning is imported)
 from models.baselines import torch_threads
-from models.cf import CollabModel, category_counts
+from models.cf import CollabModel, category_counts, text_similarity
 from models.data import ItemIndex, RecDataModule
 from models.engine import PandasEngine, feature_engine
 from models.features import WIDE_COLUMNS
@@ -226,7 +226,7 @@ def collab_features(collab: CollabModel, rows: pd.DataFrame, history: pd.DataFra
     recent = tensors["recent_items"].numpy()
     recent_cf = np.where(recent >= 0, pos_map[np.maximum(recent, 0)], -1) if len(pos_map) else np.full_like(recent, -1)
     return collab.features(hist_cf, pos_map[target], cat_n, cat_pos, text_prior, prior, tensors["wide"].numpy(),
-                           recent_cf, tensors["recent_labels"].numpy())
+                           recent_cf, tensors["recent_labels"].numpy(), text_similarity(item_vecs, target, recent))
 
 
 FUSION_CHUNKS = 4  # time chunks of a part: chunk j's rows get collaborative counts fitted on chunks < j

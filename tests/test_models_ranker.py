@@ -110,7 +110,9 @@ def test_a_fusion_row_never_sees_its_own_label(split, world):
 
     knn = FUSION_COLUMNS.index("knn_resid")
     resid = FUSION_COLUMNS.index("user_resid")
+    text = FUSION_COLUMNS.index("text_resid")
     assert np.isfinite(base).all() and base[:, knn].std() > 0 and base[:, resid].std() > 0  # not vacuous
+    assert base[:, text].std() > 0
     offset = len(dm.train_events) - len(base)
     labels = dm.train_events["label"].to_numpy()
     # the smoothing prior is one global like-rate of the train part: each flip is paired with the opposite
@@ -302,6 +304,34 @@ def test_user_resid_separates_leniency_from_the_items_chosen():
     assert collab.user_resid(np.array([[-1, -1]]), np.array([[1, 1]]))[0] == 0  # no known events: zero
     harsh = collab.user_resid(np.array([[good, good]]), np.array([[0, 0]]))[0]  # disliked what everyone likes
     assert harsh < -0.1
+
+
+def test_text_resid_reads_the_residuals_of_items_whose_text_is_like_the_candidate():
+    """Liked (more than people) the history item whose text is like the candidate, disliked the other:
+    positive; the other way round: negative. The same residual on every item is leniency, not taste:
+    zero (``user_resid`` carries it), as is a history of one event or none."""
+    from models.cf import CollabModel, text_similarity
+
+    rows = [(f"u{u}", i, int(u < 5)) for u in range(10) for i in ("x", "y")]  # both liked by half
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "label"])
+    ev["timestamp"] = pd.Timestamp("2026-01-01", tz="UTC")
+    # texts: x is like the candidate c, y is not
+    vecs = np.array([[1.0, 0.1, 0.0], [0.0, 1.0, 0.0], [0.9, 0.0, 0.3]], dtype=np.float32)  # x, y, c
+    collab = CollabModel.fit(ev, lambda ids: vecs[[["x", "y"].index(i) for i in ids]], 0.5)
+    x, y = collab.index_of(["x", "y"])
+    hist = np.array([[x, y]] * 5)
+    sim = text_similarity(vecs, np.full(5, 2), np.array([[0, 1]] * 5))
+    assert sim[0, 0] > 0.9 and sim[0, 1] < 0.1
+    got = collab.text_resid(sim, hist, np.array([[1, 0], [0, 1], [1, 1], [0, 0], [0, 0]]))
+    assert got[0] > 0.3 and got[1] < -0.3  # taste for items like c / against them
+    assert abs(got[2]) < 1e-9 and abs(got[3]) < 1e-9  # the same residual on both: no taste signal
+    one = text_similarity(vecs, np.array([2, 2]), np.array([[0, -1], [-1, -1]]))
+    assert np.isnan(one[0, 1]) and np.isnan(one[1]).all()
+    np.testing.assert_array_equal(collab.text_resid(one, np.array([[x, -1], [-1, -1]]), np.array([[1, 0], [0, 0]])),
+                                  [0.0, 0.0])  # one event: nothing to contrast; none: zero
+    # a history item outside the fit part counts at the prior (0.5 here): liked -> +0.5 residual
+    new = collab.text_resid(sim[:1], np.array([[-1, y]]), np.array([[1, 0]]))
+    assert new[0] > 0.3
 
 
 def test_a_ranker_saved_before_a_column_was_added_still_scores(tmp_path):
