@@ -72,7 +72,7 @@ KNN_SHRINK = 20.0  # support shrinkage of the cosine: s * c / (c + shrink), c = 
 CF_COLUMNS: tuple[str, ...] = ("cat_like_rate", "cat_log_count", "text_prior", "cf_rate", "cf_log_support",
                                "stats_logit", "knn_resid", "knn_log_weight", "user_resid", "text_resid")
 TEXT_RESID_SHRINK = 0.1  # added to sum |w| of text_resid (w: centred cosines, typically ~0.1 each)
-TEXT_SIM_ROWS = 4096  # rows per block in text_similarity ([rows, H, d] gathered vectors: memory bound)
+TEXT_SIM_ROWS = 64  # rows per block in text_similarity: [rows, H, d] gathered vectors stay in cache (4096: 5x slower)
 MAX_PAIRS = 30_000_000  # co-occurrence pairs kept at most (the ones with the most support)
 BLOCK_CELLS = 4_000_000  # item x item cells per block of the co-occurrence products (memory bound)
 # a kNN block filled above this share is ranked as a dense array (a row-wise sort; faster than sorting its
