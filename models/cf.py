@@ -325,8 +325,7 @@ def text_similarity(vecs: np.ndarray, cand: np.ndarray, recent: np.ndarray,
                     rows: int = TEXT_SIM_ROWS) -> np.ndarray:
     """Cosine [n, H] float32 between ``vecs[cand[i]]`` and ``vecs[recent[i, h]]`` (``vecs`` [m, d] text
     vectors; ``recent`` [n, H] indices into them, -1: no event -> NaN), in blocks of ``rows`` rows."""
-    v = np.asarray(vecs, dtype=np.float32)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    v = unit_rows(vecs)
     cand = np.asarray(cand, dtype=np.int64)
     recent = np.asarray(recent, dtype=np.int64).reshape(len(cand), -1)
     out = np.full(recent.shape, np.nan, dtype=np.float32)
@@ -335,6 +334,12 @@ def text_similarity(vecs: np.ndarray, cand: np.ndarray, recent: np.ndarray,
         sim = np.einsum("nd,nhd->nh", v[cand[a:a + rows]], v[np.maximum(r, 0)])
         out[a:a + rows] = np.where(r >= 0, sim, np.nan)
     return out
+
+
+def unit_rows(vecs: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32; a zero row stays zero)."""
+    v = np.asarray(vecs, dtype=np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
 def _item_blocks(n_items: int):

@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models.cf import CollabModel, category_counts, serving_category_counts, text_similarity
+from models.cf import CollabModel, category_counts, serving_category_counts, text_similarity, unit_rows
 from models.data import ItemIndex, clean_queries, encode_ids
 from models.features import WIDE_COLUMNS, ServingStats, UserStats, lag_ns, point_in_time_features
 from models.network import TextEncoder, TwoTowerWide
@@ -428,12 +428,12 @@ class Recommender:
         rec_cf = np.full(len(rec), -1, dtype=np.int64)
         rec_cf[rec >= 0] = collab.index_of(stats.item_ids[rec[rec >= 0]])
         n = len(pos)
-        # text cosines candidate x recent event: one table [candidates; the user's recent events' texts]
-        rec_vecs = self.text_vectors([stats.item_texts[p] for p in rec[rec >= 0].tolist()]).numpy()
-        slot = np.full(len(rec), -1, dtype=np.int64)
-        slot[rec >= 0] = n + np.arange(int((rec >= 0).sum()))
-        sims = text_similarity(np.concatenate([vecs, rec_vecs.reshape(-1, vecs.shape[1])]), np.arange(n),
-                               np.broadcast_to(slot, (n, len(slot))))
+        # text cosines candidate x recent event (NaN: no event): every candidate shares the user's events,
+        # so one [n, d] x [d, H] product (text_similarity's values; it gathers per row)
+        sims = np.full((n, len(rec)), np.nan, dtype=np.float32)
+        if (rec >= 0).any():
+            rec_vecs = self.text_vectors([stats.item_texts[p] for p in rec[rec >= 0].tolist()]).numpy()
+            sims[:, rec >= 0] = unit_rows(vecs) @ unit_rows(rec_vecs).T
         cf = collab.features(np.broadcast_to(hist_cf, (n, len(hist_cf))), collab.index_of(item_ids),
                              cache[1][cat], cache[2][cat], collab.text_prior(vecs), self.config["prior"], wide,
                              np.broadcast_to(rec_cf, (n, len(rec_cf))), np.broadcast_to(rec_labels, (n, len(rec_labels))),
