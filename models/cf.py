@@ -324,15 +324,17 @@ class CollabModel:
 def text_similarity(vecs: np.ndarray, cand: np.ndarray, recent: np.ndarray,
                     rows: int = TEXT_SIM_ROWS) -> np.ndarray:
     """Cosine [n, H] float32 between ``vecs[cand[i]]`` and ``vecs[recent[i, h]]`` (``vecs`` [m, d] text
-    vectors; ``recent`` [n, H] indices into them, -1: no event -> NaN), in blocks of ``rows`` rows."""
-    v = unit_rows(vecs)
+    vectors; ``recent`` [n, H] indices into them, -1: no event -> NaN), in blocks of ``rows`` rows. The
+    table is read, never copied (a catalog's vectors can be GBs): only its row norms are computed."""
+    v = np.asarray(vecs, dtype=np.float32)
+    norm = np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v)), 1e-12)
     cand = np.asarray(cand, dtype=np.int64)
     recent = np.asarray(recent, dtype=np.int64).reshape(len(cand), -1)
     out = np.full(recent.shape, np.nan, dtype=np.float32)
     for a in range(0, len(cand), rows):
-        r = recent[a:a + rows]
-        sim = np.einsum("nd,nhd->nh", v[cand[a:a + rows]], v[np.maximum(r, 0)])
-        out[a:a + rows] = np.where(r >= 0, sim, np.nan)
+        c, r = cand[a:a + rows], np.maximum(recent[a:a + rows], 0)
+        sim = np.einsum("nd,nhd->nh", v[c], v[r]) / (norm[c][:, None] * norm[r])
+        out[a:a + rows] = np.where(recent[a:a + rows] >= 0, sim, np.nan)
     return out
 
 
