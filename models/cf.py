@@ -341,7 +341,7 @@ def text_similarity(vecs: np.ndarray, cand: np.ndarray, recent: np.ndarray,
 def unit_rows(vecs: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32; a zero row stays zero)."""
     v = np.asarray(vecs, dtype=np.float32)
-    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
 def _item_blocks(n_items: int):

@@ -311,14 +311,14 @@ class Recommender:
         hist = feats.history_items
         hist_cf = np.where(hist >= 0, pos_map[np.maximum(hist, 0)], -1) if len(pos_map) else np.full_like(hist, -1)
         cat_n, cat_pos = category_counts(pairs, history, catalog, lag)
-        uniq, inv = np.unique(target, return_inverse=True)
-        prior_t = self.collab.text_prior(self.text_vectors([items.texts[p] for p in uniq]).numpy())[inv]
         rec = feats.recent_items
         rec_cf = np.where(rec >= 0, pos_map[np.maximum(rec, 0)], -1) if len(pos_map) else np.full_like(rec, -1)
-        need = np.unique(np.concatenate([uniq, rec[rec >= 0]]))  # text vectors: candidates + recent events
+        # text vectors once, of the candidates and the users' recent events (text prior, text_resid)
+        need = np.unique(np.concatenate([target, rec[rec >= 0]]))
         local = np.full(len(items.item_ids), -1, dtype=np.int64)
         local[need] = np.arange(len(need))
         vecs = self.text_vectors([items.texts[p] for p in need]).numpy()
+        prior_t = self.collab.text_prior(vecs)[local[target]]
         sims = text_similarity(vecs, local[target], np.where(rec >= 0, local[np.maximum(rec, 0)], -1))
         cf = self.collab.features(hist_cf, pos_map[target], cat_n, cat_pos, prior_t, self.config["prior"], feats.wide,
                                   rec_cf, feats.recent_labels, sims)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models.cf import unit_rows
 from recloop.schema import item_text
 from serving.ann import AnnIndex, AnnParams, index_key, item_keys, model_prefix
 
@@ -34,12 +35,6 @@ def text_hashes(catalog: pd.DataFrame) -> np.ndarray:
     texts = item_text(catalog)
     return np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
                      for t in texts], dtype=np.uint64)
-
-
-def _normalise(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float32)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.maximum(n, 1e-12)
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,7 @@ class ItemIndex:
         for start in range(0, len(missing), chunk):
             sel = missing[start:start + chunk]
             out_ids, vecs = model.item_vectors(catalog.iloc[sel].reset_index(drop=True))
-            vecs = _normalise(vecs)
+            vecs = unit_rows(vecs)
             dim = vecs.shape[1]
             for iid, v in zip(out_ids, vecs):
                 new_vecs[str(iid)] = v
