@@ -108,7 +108,7 @@ def test_up_services_runs_prefect_and_mlflow_on_postgres_and_s3(monkeypatch):
         printed = " ".join(stack.backing.printable_env().values())
         for secret in (secrets["postgres_password"], secrets["s3_secret_key"]):
             assert secret not in printed
-            assert not [p.pid for p in started if secret in " ".join(p.cmdline())]
+            assert not [p.pid for p in started if secret in " ".join(_cmdline(p))]
         loaded = load_settings(parent / "elsewhere", services={
             k.removeprefix("RECLOOP_SERVICES__").lower(): v for k, v in env.items() if "SERVICES__" in k})
         assert loaded.services.s3_bucket == secrets["bucket"]
@@ -173,3 +173,13 @@ def test_the_command_prints_what_a_worker_needs_without_its_secrets(tmp_path, mo
                  "RECLOOP_MLFLOW_TRACKING_URI", "RECLOOP_PREFECT_API_URL", str(env_file)):
         assert name in out.output
     assert secrets["postgres_password"] not in out.output and secrets["s3_secret_key"] not in out.output
+
+
+def _cmdline(proc) -> list[str]:
+    """A process's command line; [] once it has exited (a short-lived helper cannot show a secret any more)."""
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return []
