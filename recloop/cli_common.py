@@ -37,9 +37,12 @@ def emit(doc: Any, as_json: bool, render: Callable[[Any], None] | None = None) -
 
 
 def fail(message: str, code: int = 1) -> None:
+    """Print ``error: <message>`` on stderr as one line (never wrapped at the console width, so a long path
+    stays whole and greppable; brackets in it are text, not markup) and exit with ``code``."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[bold red]error:[/] {message}")
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 

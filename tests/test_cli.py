@@ -85,3 +85,12 @@ def test_models_command_offers_wide(tmp_path):
     assert "--wide" in res.output
     res = runner.invoke(app, ["models", "--wide", "-w", str(tmp_path / "ws")])
     assert res.exit_code == 0, res.output
+
+
+def test_errors_print_on_one_line_whole(tmp_path):
+    """An error names its path whole, on one line, brackets kept: a long path is not wrapped at the console
+    width (it broke a message in two under a long temporary folder) and "[...]" is not taken for markup."""
+    deep = tmp_path / ("d" * 60) / "[weekly]" / ("e" * 60) / "nowhere"
+    res = runner.invoke(app, ["import-recbole", str(deep), "-w", str(tmp_path / "ws")])
+    assert res.exit_code == 1
+    assert f"error: {deep} does not exist" in res.output.splitlines()
