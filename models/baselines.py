@@ -22,7 +22,10 @@ Baselines that need no history (static popularity, MF) accept and ignore it.
   embeddings + biases, BCE, full-batch Adam in torch). Dimension, L2 strength and epoch count are
   chosen on a time-ordered validation tail of the training events (small grid, early stopping on
   validation AUC), then it is refit on all training events; unknown users or items fall back to
-  the biases that exist.
+  the biases that exist. The biases carry a fixed prior of ``SMOOTHING`` pseudo-events at the global
+  rate (as the statistics do): unpenalised, an item liked by its one rater topped every catalog ranking
+  of a new user (MovieLens-100k, ``recloop train``: MF NDCG@10 0.007, tail share 0.98; with the prior
+  0.164, AUC unchanged at 0.709).
 
 Every baseline also ranks a whole catalog "as of now" from :class:`models.features.ServingStats`
 (``score_items(stats, user_stats, items)``), for :mod:`models.catalog_eval`.
@@ -38,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.features import WIDE_COLUMNS, ServingStats, UserStats, _rate, point_in_time_features
+from models.features import SMOOTHING, WIDE_COLUMNS, ServingStats, UserStats, _rate, point_in_time_features
 
 
 @contextlib.contextmanager
@@ -281,7 +284,6 @@ class FreshPopularityBaseline:
         p = np.where(known, pos, 0)
         n = np.where(known, stats.item_n[p], 0).astype(np.float64) if stats.n_items else np.zeros(len(pos))
         n_pos = np.where(known, stats.item_n_pos[p], 0).astype(np.float64) if stats.n_items else np.zeros(len(pos))
-        from models.features import SMOOTHING
 
         prior = float(np.clip(self.prior, 0.01, 0.99))
         rate = (n_pos + SMOOTHING * prior) / (n + SMOOTHING)
@@ -340,7 +342,8 @@ class MatrixFactorizationBaseline:
 
     Passing all three fixes them (no tuning): ``MatrixFactorizationBaseline(16, 200, weight_decay=1e-4)``
     is the old, untuned default. ``weight_decay`` is an L2 penalty on the embeddings, averaged over events
-    (so a user's or item's vector is pulled towards 0 in proportion to its number of events).
+    (so a user's or item's vector is pulled towards 0 in proportion to its number of events); the biases
+    have a fixed prior worth ``SMOOTHING`` events at the global rate, not tuned.
     """
 
     name = "mf"
@@ -408,6 +411,10 @@ class MatrixFactorizationBaseline:
         p = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
         b0 = torch.nn.Parameter(torch.tensor(math.log(p / (1 - p)), dtype=torch.float32))
         opt = torch.optim.Adam([P, Q, bu, bi, b0], lr=self.lr)
+        # each bias starts from SMOOTHING pseudo-events at the global rate (the statistics' smoothing): a
+        # Gaussian prior with that curvature, k p (1 - p) / 2 * b^2 per user or item, on the loss's 1/n scale.
+        # Unpenalised, an item liked by its only rater got the largest bias and topped every catalog ranking.
+        bias_prior = SMOOTHING * p * (1 - p) / 2 / n
         sp = torch.nn.functional.softplus
 
         if val is not None and len(val):
@@ -434,7 +441,8 @@ class MatrixFactorizationBaseline:
             else:
                 logits = (P[pu] * Q[pi]).sum(1) + bu[pu] + bi[pi] + b0
             loss = (w_pos * sp(-logits) + w_neg * sp(logits)).sum() / n
-            reg = weight_decay * ((u_w * P.pow(2).sum(1)).sum() + (i_w * Q.pow(2).sum(1)).sum())
+            reg = weight_decay * ((u_w * P.pow(2).sum(1)).sum() + (i_w * Q.pow(2).sum(1)).sum()) \
+                + bias_prior * (bu.pow(2).sum() + bi.pow(2).sum())
             (loss + reg).backward()
             opt.step()
             if vy is not None and (epoch % self.eval_every == 0 or epoch == epochs):

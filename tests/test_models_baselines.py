@@ -259,3 +259,17 @@ def test_recloop_train_on_an_empty_workspace_fails_clearly(settings):
     result = CliRunner().invoke(app, ["train", "--workspace", str(settings.root)])
     assert result.exit_code != 0
     assert "ingest" in result.output
+
+
+def test_mf_biases_are_shrunk_so_a_one_rating_item_does_not_top_the_catalog():
+    """An item liked by its only rater must not outrank an item most of its 60 raters liked, for a new user
+    (whose catalog ranking is the item biases): unpenalised biases put such items on top of every MovieLens
+    catalog ranking (MF NDCG@10 0.007 against popularity's 0.167)."""
+    rng = np.random.default_rng(0)
+    rows = [(f"u{k}", "hit", int(rng.random() < 0.8)) for k in range(60)]
+    rows += [(f"u{k}", f"i{k % 7}", int(rng.random() < 0.5)) for k in range(300)]
+    rows += [("u3", "once", 1)]
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "label"])
+    mf = MatrixFactorizationBaseline(dim=4, epochs=200, weight_decay=1e-2, seed=0).fit(ev)
+    s = mf.score(pd.DataFrame({"user_id": "nobody", "item_id": ["hit", "once"]}))
+    assert s[0] > s[1] > ev["label"].mean()  # the one like still counts a little (shrunk, not ignored)
