@@ -36,7 +36,8 @@ RANKER_COLUMNS: tuple[str, ...] = TOWER_COLUMNS + FUSION_COLUMNS  # the matrix e
 BLEND_COLUMNS: tuple[str, ...] = ("fusion_logit",) + TOWER_COLUMNS
 # more of these never means a lower like-probability, all else equal (a principled shape constraint)
 MONOTONE_UP = ("tower_logit", "tower_cos", "user_like_rate", "item_like_rate", "user_cat_rate", "cat_like_rate",
-               "text_prior", "cf_rate", "stats_logit", "knn_resid", "user_recent_rate", "user_resid", "text_resid")
+               "text_prior", "cf_rate", "stats_logit", "knn_resid", "user_recent_rate", "user_resid", "text_resid",
+               "rknn_resid")
 MIN_ROWS = 200  # fewer out-of-sample rows (or a single class): no ranker, the towers score alone
 
 LGB_PARAMS = {

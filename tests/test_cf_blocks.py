@@ -63,6 +63,9 @@ def test_knn_neighbours_do_not_depend_on_the_block(monkeypatch):
     np.testing.assert_array_equal(one.sim_keys, many.sim_keys)
     np.testing.assert_array_equal(one.sim, many.sim)
     assert len(one.sim_keys) > 0
+    np.testing.assert_array_equal(one.rsim_keys, many.rsim_keys)  # the signed (taste) similarities too
+    np.testing.assert_array_equal(one.rsim, many.rsim)
+    assert (one.rsim < 0).any() and (one.rsim > 0).any()
 
 
 @pytest.mark.parametrize("seed,n", [(2, 4000), (5, 4000), (3, 150)])
@@ -79,8 +82,37 @@ def test_knn_dense_and_sparse_ranking_agree_including_ties(monkeypatch, seed, n)
         dense = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
         np.testing.assert_array_equal(dense.sim_keys, sparse.sim_keys)
         np.testing.assert_array_equal(dense.sim, sparse.sim)
+        np.testing.assert_array_equal(dense.rsim_keys, sparse.rsim_keys)
+        np.testing.assert_array_equal(dense.rsim, sparse.rsim)
     ni = sparse.n_items
     per_item = np.bincount(sparse.sim_keys // ni, minlength=ni)
     assert per_item.max() == cf.KNN_NEIGHBOURS if n > 1000 else (per_item < cf.KNN_NEIGHBOURS).all()
     _, counts = np.unique(sparse.sim, return_counts=True)
     assert counts.max() > 1  # ties among similarities: their order matters
+
+
+def test_taste_similarity_matches_a_dense_computation(monkeypatch):
+    """``rsim``: the cosine of the items' residual columns (label - the item's fit-part like-rate, per user),
+    times c / (c + shrink) with c the co-users - checked against a dense computation (every neighbour kept)."""
+    ev = _events(seed=4, n=1500)
+    monkeypatch.setattr(cf, "KNN_NEIGHBOURS", 10_000)
+    monkeypatch.setattr(cf, "BLOCK_CELLS", 90 * 6)
+    model = cf.CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
+    pos = {x: j for j, x in enumerate(model.item_ids)}
+    users = {u: k for k, u in enumerate(sorted(ev["user_id"].unique()))}
+    col = ev["item_id"].map(pos).to_numpy()
+    row = ev["user_id"].map(users).to_numpy()
+    r = np.zeros((len(users), model.n_items))
+    np.add.at(r, (row, col), ev["label"].to_numpy() - model.item_rate[col].astype(np.float64))
+    h = np.zeros_like(r)
+    h[row, col] = 1.0
+    sup, num = h.T @ h, r.T @ r
+    d = np.sqrt(np.diag(num))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = num / np.outer(d, d) * sup / (sup + cf.KNN_SHRINK)
+    ok = (sup > 0) & (num != 0) & ~np.eye(model.n_items, dtype=bool)
+    ni = model.n_items
+    want = {int(p * ni + c): s[p, c] for p, c in zip(*np.nonzero(ok))}
+    got = dict(zip(model.rsim_keys.tolist(), model.rsim.tolist()))
+    assert set(got) == set(want)
+    np.testing.assert_allclose([got[k] for k in sorted(want)], [want[k] for k in sorted(want)], rtol=1e-4, atol=1e-6)

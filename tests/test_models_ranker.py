@@ -334,6 +334,27 @@ def test_text_resid_reads_the_residuals_of_items_whose_text_is_like_the_candidat
     assert new[0] > 0.3
 
 
+def test_rknn_resid_reads_taste_where_co_occurrence_cannot(tmp_path):
+    """Everyone rated a, b and c; half liked a and b and disliked c, half the other way round. Co-occurrence
+    sees three equally similar items (everyone had all three), so ``knn_resid`` says the same for b and c
+    after liking a; the residual similarity says b is a's kind and c its opposite: ``rknn_resid`` > 0 for b,
+    < 0 for c (a negative neighbour counts), and it survives the safetensors round trip."""
+    from models.cf import CollabModel
+
+    rows = [(f"u{u}", i, int((u < 10) == (i != "c"))) for u in range(20) for i in ("a", "b", "c")]
+    ev = pd.DataFrame(rows, columns=["user_id", "item_id", "label"])
+    collab = CollabModel.fit(ev, lambda ids: np.zeros((len(ids), 2)), 0.5)
+    a, b, c = collab.index_of(["a", "b", "c"])
+    recent, labels, cand = np.array([[a], [a]]), np.array([[1], [1]]), np.array([b, c])
+    kr, _ = collab.knn(recent, labels, cand)
+    assert kr[0] == pytest.approx(kr[1])  # co-occurrence: no difference
+    rr = collab.rknn(recent, labels, cand)
+    assert rr[0] > 0.1 and rr[1] < -0.1
+    np.testing.assert_array_equal(collab.rknn(recent, 1 - labels, cand) > 0, [False, True])  # disliked a
+    collab.save(tmp_path)
+    np.testing.assert_array_equal(CollabModel.load(tmp_path).rknn(recent, labels, cand), rr)
+
+
 def test_a_ranker_saved_before_a_column_was_added_still_scores(tmp_path):
     """A champion registered before ``user_resid`` existed reads its own columns, by name, from today's matrix."""
     from models.ranker import FUSION_COLUMNS, RANKER_COLUMNS, Ranker
