@@ -42,7 +42,7 @@ point-in-time over a history (training, offline scoring) and "as of now" from
   (``c / (c + KNN_SHRINK)``), the ``KNN_NEIGHBOURS`` largest by magnitude per item (item-kNN with baseline-
   centred similarity). Co-occurrence says "the same people had both"; this says "people who liked one more
   than people in general liked the other more (or less)", so a negative neighbour counts too. Measured on
-  MovieLens-100k: +0.0013 AUC at lag 0, +0.0014 at the default lag (benchmarks/RESULTS.md).
+  MovieLens-100k: +0.0016 AUC at lag 0, +0.0013 at the default lag (benchmarks/RESULTS.md).
 * ``stats_logit`` - a standardised logistic regression on the wide point-in-time statistics
   (``WIDE_COLUMNS``), fitted on the fit part's rows: it carries what the whole (larger) fit part
   says about the statistics into the ranker, which only sees the later, out-of-sample part.

@@ -353,6 +353,15 @@ def test_rknn_resid_reads_taste_where_co_occurrence_cannot(tmp_path):
     np.testing.assert_array_equal(collab.rknn(recent, 1 - labels, cand) > 0, [False, True])  # disliked a
     collab.save(tmp_path)
     np.testing.assert_array_equal(CollabModel.load(tmp_path).rknn(recent, labels, cand), rr)
+    # a collab model saved before the feature existed (no taste similarities in its safetensors) still loads
+    # and scores: the column is 0 (its ranker does not read it)
+    collab.rsim_keys = collab.rsim = None
+    (tmp_path / "old").mkdir()
+    collab.save(tmp_path / "old")
+    old = CollabModel.load(tmp_path / "old")
+    assert old.rsim_keys is None
+    np.testing.assert_array_equal(old.rknn(recent, labels, cand), [0.0, 0.0])
+    np.testing.assert_array_equal(old.knn(recent, labels, cand)[0], kr)
 
 
 def test_a_ranker_saved_before_a_column_was_added_still_scores(tmp_path):
