@@ -78,6 +78,7 @@ KNN_SHRINK = 20.0  # support shrinkage of the cosine: s * c / (c + shrink), c = 
 CF_COLUMNS: tuple[str, ...] = ("cat_like_rate", "cat_log_count", "text_prior", "cf_rate", "cf_log_support",
                                "stats_logit", "knn_resid", "knn_log_weight", "user_resid", "text_resid",
                                "rknn_resid")
+CF_BLOCK_ROWS = 20_000  # rows scored at a time: [rows, KNN_HISTORY] temporaries stay ~0.2 GB at 200 events
 TEXT_RESID_SHRINK = 0.1  # added to sum |w| of text_resid (w: centred cosines, typically ~0.1 each)
 TEXT_SIM_ROWS = 64  # rows per block in text_similarity: [rows, H, d] gathered vectors stay in cache (4096: 5x slower)
 MAX_PAIRS = 30_000_000  # co-occurrence pairs kept at most (the ones with the most support)

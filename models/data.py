@@ -113,8 +113,7 @@ def example_tensors(rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataF
         "query": torch.as_tensor(q.map(queries).fillna(-1).to_numpy(dtype=np.int64)),
         "wide": torch.as_tensor(feats.wide),
         # not model inputs of the towers (not in BATCH_KEYS): the ranker's item-kNN features read them
-        "recent_items": torch.as_tensor(feats.recent_items),
-        "recent_labels": torch.as_tensor(feats.recent_labels),
+        "recent": feats.recent,  # ragged (models.features.RecentEvents): dense a block of rows at a time
     }
 
 

@@ -39,7 +39,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models.features import WIDE_COLUMNS, PointInTimeFeatures, check_feature_inputs, point_in_time_features
+from models.features import (
+    WIDE_COLUMNS,
+    PointInTimeFeatures,
+    RecentEvents,
+    check_feature_inputs,
+    point_in_time_features,
+)
 
 ITEM_COLUMNS = tuple(WIDE_COLUMNS.index(c) for c in ("item_like_rate", "item_log_count"))  # read from the item pass
 ROWS_PER_TASK = 200_000  # default partition size (rows) when the cluster has few CPUs
@@ -168,21 +174,13 @@ class PartitionedEngine:
         hist_items = np.full((n, kh), -1, dtype=np.int64)
         hist_len = np.zeros(n, dtype=np.int64)
         wide = np.zeros((n, len(WIDE_COLUMNS)), dtype=np.float32)
-        recent_items = recent_labels = None
+        recent = []
         for sel, f in zip(*out_pass[False]):
             hist_items[sel], hist_len[sel], wide[sel] = f.history_items, f.history_len, f.wide
-            if recent_items is None:
-                recent_items = np.full((n, f.recent_items.shape[1]), -1, dtype=np.int64)
-                recent_labels = np.zeros((n, f.recent_labels.shape[1]), dtype=np.int8)
-            recent_items[sel], recent_labels[sel] = f.recent_items, f.recent_labels
+            recent.append((sel, f.recent))
         for sel, item_cols in zip(*out_pass[True]):
             wide[np.ix_(sel, list(ITEM_COLUMNS))] = item_cols
-        if recent_items is None:  # no rows
-            from models.features import KNN_HISTORY
-
-            recent_items = np.full((0, KNN_HISTORY), -1, dtype=np.int64)
-            recent_labels = np.zeros((0, KNN_HISTORY), dtype=np.int8)
-        return PointInTimeFeatures(hist_items, hist_len, wide, recent_items, recent_labels)
+        return PointInTimeFeatures(hist_items, hist_len, wide, RecentEvents.combine(n, recent))
 
     def encode_texts(self, encoder, texts: list[str], batch_size: int = 128):
         """Catalog vectors as :meth:`TextEncoder.encode` computes them, in Ray tasks (local encoder path)."""

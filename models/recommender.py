@@ -48,7 +48,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models.cf import CollabModel, category_counts, serving_category_counts, text_similarity, unit_rows
+from models.cf import (
+    CF_BLOCK_ROWS,
+    CF_COLUMNS,
+    CollabModel,
+    category_counts,
+    serving_category_counts,
+    text_similarity,
+    unit_rows,
+)
 from models.data import ItemIndex, clean_queries, encode_ids
 from models.features import WIDE_COLUMNS, ServingStats, UserStats, lag_ns, point_in_time_features
 from models.network import TextEncoder, TwoTowerWide
@@ -311,17 +319,21 @@ class Recommender:
         hist = feats.history_items
         hist_cf = np.where(hist >= 0, pos_map[np.maximum(hist, 0)], -1) if len(pos_map) else np.full_like(hist, -1)
         cat_n, cat_pos = category_counts(pairs, history, catalog, lag)
-        rec = feats.recent_items
-        rec_cf = np.where(rec >= 0, pos_map[np.maximum(rec, 0)], -1) if len(pos_map) else np.full_like(rec, -1)
+        blocks = [slice(s, s + CF_BLOCK_ROWS) for s in range(0, len(pairs), CF_BLOCK_ROWS)]
         # text vectors once, of the candidates and the users' recent events (text prior, text_resid)
-        need = np.unique(np.concatenate([target, rec[rec >= 0]]))
+        recent_items = (feats.recent[b].dense()[0] for b in blocks)
+        need = np.unique(np.concatenate([target] + [r[r >= 0] for r in recent_items]))
         local = np.full(len(items.item_ids), -1, dtype=np.int64)
         local[need] = np.arange(len(need))
         vecs = self.text_vectors([items.texts[p] for p in need]).numpy()
         prior_t = self.collab.text_prior(vecs)[local[target]]
-        sims = text_similarity(vecs, local[target], np.where(rec >= 0, local[np.maximum(rec, 0)], -1))
-        cf = self.collab.features(hist_cf, pos_map[target], cat_n, cat_pos, prior_t, self.config["prior"], feats.wide,
-                                  rec_cf, feats.recent_labels, sims)
+        cf = np.empty((len(pairs), len(CF_COLUMNS)), dtype=np.float32)
+        for b in blocks:  # [rows, KNN_HISTORY] arrays a block at a time
+            rec, labels = feats.recent[b].dense()
+            rec_cf = np.where(rec >= 0, pos_map[np.maximum(rec, 0)], -1) if len(pos_map) else np.full_like(rec, -1)
+            sims = text_similarity(vecs, local[target[b]], np.where(rec >= 0, local[np.maximum(rec, 0)], -1))
+            cf[b] = self.collab.features(hist_cf[b], pos_map[target[b]], cat_n[b], cat_pos[b], prior_t[b],
+                                         self.config["prior"], feats.wide[b], rec_cf, labels, sims)
         return _sigmoid(self.ranker.logit(ranker_matrix(logit, cos, feats.wide, cf)))
 
     def item_vectors(self, catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

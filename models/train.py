@@ -51,7 +51,7 @@ from pytorch_lightning.callbacks import Callback, EarlyStopping
 
 from models import _quiet  # noqa: F401  (before lightning is imported)
 from models.baselines import torch_threads
-from models.cf import CollabModel, category_counts, text_similarity
+from models.cf import CF_BLOCK_ROWS, CF_COLUMNS, CollabModel, category_counts, text_similarity
 from models.data import ItemIndex, RecDataModule
 from models.engine import PandasEngine, feature_engine
 from models.features import WIDE_COLUMNS
@@ -215,20 +215,25 @@ def tower_scores(module: RecommenderModule, tensors: dict, batch_size: int = 409
 
 def collab_features(collab: CollabModel, rows: pd.DataFrame, history: pd.DataFrame, catalog: pd.DataFrame,
                     items: ItemIndex, tensors: dict, item_vecs: np.ndarray, prior: float, lag) -> np.ndarray:
-    """``CF_COLUMNS`` of prepared rows (point-in-time with ``lag``: their history and category counts)."""
+    """``CF_COLUMNS`` of prepared rows (point-in-time with ``lag``: their history and category counts), a
+    block of ``CF_BLOCK_ROWS`` rows at a time (the users' recent events are [rows, KNN_HISTORY] there)."""
     pos_map = collab.index_of(items.item_ids)
     hist = tensors["hist"].numpy()
     hist_cf = np.where(hist >= 0, pos_map[np.maximum(hist, 0)], -1) if len(pos_map) else np.full_like(hist, -1)
     target = tensors["item"].numpy()
+    wide = tensors["wide"].numpy()
     cat_n, cat_pos = category_counts(rows, history, catalog, lag)
     uniq, inv = np.unique(target, return_inverse=True)
     text_prior = collab.text_prior(item_vecs[uniq])[inv]
-    recent = tensors["recent_items"].numpy()
-    recent_cf = np.where(recent >= 0, pos_map[np.maximum(recent, 0)], -1) if len(pos_map) else np.full_like(recent, -1)
-    return collab.features(hist_cf, pos_map[target], cat_n, cat_pos, text_prior, prior, tensors["wide"].numpy(),
-                           recent_cf, tensors["recent_labels"].numpy(), text_similarity(item_vecs, target, recent))
-
-
+    out = np.empty((len(target), len(CF_COLUMNS)), dtype=np.float32)
+    for s in range(0, len(target), CF_BLOCK_ROWS):
+        b = slice(s, s + CF_BLOCK_ROWS)
+        recent, labels = tensors["recent"][b].dense()
+        recent_cf = np.where(recent >= 0, pos_map[np.maximum(recent, 0)], -1) if len(pos_map) else \
+            np.full_like(recent, -1)
+        out[b] = collab.features(hist_cf[b], pos_map[target[b]], cat_n[b], cat_pos[b], text_prior[b], prior, wide[b],
+                                 recent_cf, labels, text_similarity(item_vecs, target[b], recent))
+    return out
 FUSION_CHUNKS = 4  # time chunks of a part: chunk j's rows get collaborative counts fitted on chunks < j
 
 

@@ -6,7 +6,7 @@ the ledger lists as new since the last refresh (a refresh costs what was appende
 
 * per item: events and positives (exposure, popularity, the wide item statistics);
 * per user: events and positives, overall and per category (the user-category affinity);
-* per user, a bounded **tail**: the last ``TAIL_EVENTS`` events (the ranker reads the last 30,
+* per user, a bounded **tail**: the last ``TAIL_EVENTS`` events (the ranker reads the last ``KNN_HISTORY`` = 200,
   the recent like-rate the last 10) and the last ``TAIL_POSITIVES`` positives (the user tower's
   history, ``training.history_len`` = 20 by default), plus every item the user ever liked once,
   with the time of the last like (``/recommend`` excludes liked items);

@@ -136,3 +136,40 @@ def test_recent_rate_and_recent_events_read_the_last_events_strictly_before():
     # with a 1-hour lag the row at minute 100 sees only events before minute 40: all of them here
     lagged = point_in_time_features(row.iloc[:1], h, _catalog(), index, prior=prior, lag=pd.Timedelta(hours=1))
     assert lagged.wide[0, col] == pytest.approx(f.wide[0, col])
+
+
+def test_recent_events_are_ragged_and_equal_a_brute_force_dense_reading():
+    """The last KNN_HISTORY events are kept as one pool + two offsets per row (memory does not grow with
+    the history length), and every dense view of them - whole, sliced, an engine's recombined parts -
+    equals a brute-force reading: the user's last KNN_HISTORY events strictly before the row, any label."""
+    from models.features import KNN_HISTORY, RecentEvents
+
+    rng = np.random.default_rng(3)
+    n_long = KNN_HISTORY + 40  # a user with more events than the features read
+    h = _events([("u", f"i{rng.integers(6)}", int(rng.integers(2)), T0 + pd.Timedelta(minutes=k))
+                 for k in range(n_long)] + [("v", "i1", 1, T0), ("v", "zz", 0, T0 + pd.Timedelta(minutes=1))])
+    rows = pd.DataFrame({"user_id": ["u", "v", "u", "w", "u"], "item_id": "i0",
+                         "timestamp": [T0 + pd.Timedelta(minutes=m) for m in (n_long + 5, 10, 30, 10, 3)]})
+    index = {f"i{k}": k for k in range(6)}
+    f = point_in_time_features(rows, h, _catalog(), index)
+    assert f.recent.items.dtype == np.int32 and len(f.recent.items) <= len(h) and len(f.recent) == len(rows)
+    items, labels = f.recent.dense()
+    assert items.shape == labels.shape == (len(rows), KNN_HISTORY)
+    for r, row in rows.iterrows():
+        before = h[(h["user_id"] == row["user_id"]) & (h["timestamp"] < row["timestamp"])].tail(KNN_HISTORY)
+        pad = KNN_HISTORY - len(before)
+        assert items[r, pad:].tolist() == before["item_id"].map(index).fillna(-1).astype(int).tolist(), r
+        assert labels[r, pad:].tolist() == before["label"].tolist(), r
+        assert (items[r, :pad] == -1).all() and (labels[r, :pad] == 0).all(), r
+    assert (items[0] >= 0).sum() == KNN_HISTORY  # the long user: exactly the last KNN_HISTORY
+    # a slice and an index array read the same rows; an engine's parts recombine to the same arrays
+    np.testing.assert_array_equal(f.recent[1:4].dense()[0], items[1:4])
+    np.testing.assert_array_equal(f.recent[np.array([4, 0])].dense()[1], labels[[4, 0]])
+    # (each part computed on its own, as an engine's partitions are: pools of different events and lengths)
+    parts = [(sel, point_in_time_features(rows.iloc[sel], h, _catalog(), index).recent)
+             for sel in (np.array([1, 3]), np.array([4, 0, 2]))]
+    assert len(parts[0][1].items) != len(parts[1][1].items)
+    whole = RecentEvents.combine(len(rows), parts)
+    np.testing.assert_array_equal(whole.dense()[0], items)
+    np.testing.assert_array_equal(whole.dense()[1], labels)
+    assert (RecentEvents.combine(2, []).dense()[0] == -1).all()

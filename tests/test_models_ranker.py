@@ -384,3 +384,32 @@ def test_a_ranker_saved_before_a_column_was_added_still_scores(tmp_path):
     np.testing.assert_array_equal(loaded.logit(moved), got)
     moved[:, pick[-1]] += 5.0  # one it did see does (read by name: not the matrix's first len(old) columns)
     assert not np.array_equal(loaded.logit(moved), got)
+
+
+def test_collaborative_features_do_not_depend_on_the_block_of_rows(trained, world, monkeypatch):
+    """The users' recent events are made dense a block of rows at a time (memory): any block size gives
+    the same scores and the same training features."""
+    import models.recommender
+    import models.train
+    from models.data import RecDataModule
+    from models.train import collab_features
+
+    model = trained.model
+    pairs = world.events.tail(300)
+    dm = RecDataModule(world.events.head(1500), world.catalog, 10, 0.2, 256)
+    dm.setup()
+    vecs = model.text_vectors(dm.items.texts).numpy()
+    val = dm.tensors["val"]
+
+    def run():
+        cf = collab_features(model.collab, dm.val_events, dm.events, world.catalog, dm.items, val, vecs, dm.prior, None)
+        return model.score(pairs, world.events, world.catalog), cf
+
+    scores, cf = run()
+    assert cf[:, -1].std() > 0 and (dm.tensors["val"]["recent"].end > dm.tensors["val"]["recent"].start).any()
+    for block in (7, 64):
+        monkeypatch.setattr(models.recommender, "CF_BLOCK_ROWS", block)
+        monkeypatch.setattr(models.train, "CF_BLOCK_ROWS", block)
+        got_scores, got_cf = run()
+        np.testing.assert_array_equal(got_scores, scores)
+        np.testing.assert_array_equal(got_cf, cf)
