@@ -322,7 +322,7 @@ class Recommender:
         blocks = [slice(s, s + CF_BLOCK_ROWS) for s in range(0, len(pairs), CF_BLOCK_ROWS)]
         # text vectors once, of the candidates and the users' recent events (text prior, text_resid)
         recent_items = (feats.recent[b].dense()[0] for b in blocks)
-        need = np.unique(np.concatenate([target] + [r[r >= 0] for r in recent_items]))
+        need = np.unique(np.concatenate([np.unique(target)] + [np.unique(r[r >= 0]) for r in recent_items]))
         local = np.full(len(items.item_ids), -1, dtype=np.int64)
         local[need] = np.arange(len(need))
         vecs = self.text_vectors([items.texts[p] for p in need]).numpy()
