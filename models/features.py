@@ -77,15 +77,14 @@ class RecentEvents:
     def combine(cls, n: int, parts, k: int = KNN_HISTORY) -> RecentEvents:
         """``n`` rows from ``parts`` [(row positions, RecentEvents of those rows)] (a partitioned engine's
         pieces): the pools concatenated, each part's offsets shifted; rows in no part have no events."""
-        out = cls.empty(n, k)
+        out = cls.empty(n, parts[0][1].k if parts else k)
         pools_i, pools_l, offset = [out.items], [out.labels], 0
         for rows, part in parts:
             out.start[rows], out.end[rows] = part.start + offset, part.end + offset
             pools_i.append(part.items)
             pools_l.append(part.labels)
             offset += len(part.items)
-            k = part.k
-        return cls(np.concatenate(pools_i), np.concatenate(pools_l), out.start, out.end, k)
+        return cls(np.concatenate(pools_i), np.concatenate(pools_l), out.start, out.end, out.k)
 
 
 @dataclass
@@ -93,7 +92,7 @@ class PointInTimeFeatures:
     history_items: np.ndarray  # int64 [n, history_len], -1 = padding
     history_len: np.ndarray  # int64 [n] number of real history items
     wide: np.ndarray  # float32 [n, len(WIDE_COLUMNS)] raw (not standardised)
-    recent: RecentEvents | None = None  # the last KNN_HISTORY events (any label), ragged
+    recent: RecentEvents  # the last KNN_HISTORY events (any label), ragged
 
     @property
     def recent_items(self) -> np.ndarray:
