@@ -7,6 +7,8 @@ baselines' (``baseline_scores/``) and the per-batch records (``reports/replay/re
 that hold the newest ``share`` of the events (as the replay's summary), one AUC per policy and for the baseline
 on the same events, and the difference with a 95 % paired bootstrap interval that resamples users (as the
 promotion gate does; users from the policy's store). Also: in how many batches the champion beat the baseline.
+Then every pair of policies that served all of those batches, on the same events: AUC(a) - AUC(b) with the same
+paired user bootstrap (e.g. "drift - never": what retraining on drift buys over a model never retrained).
 """
 
 from __future__ import annotations
@@ -53,13 +55,59 @@ def compare(root: Path, baseline: str = "statistics-lr", share: float = 0.2) -> 
     return out
 
 
+def _policy_scores(root: Path, policy: str, records: list[dict], share: float):
+    """(the policy's per-event scores over the newest ``share``, users of those events) or None when its
+    champion did not serve every one of those batches."""
+    import pandas as pd
+
+    from recloop.settings import load_settings
+    from recloop.store import FeedbackStore
+    from replay.report import batch_file, newest_batches
+
+    newest = newest_batches(records, share)
+    if not newest or any(r.get("auc") is None for r in newest):
+        return None
+    own = pd.concat([pd.read_parquet(root / policy / "scores" / batch_file(r["batch"])) for r in newest],
+                    ignore_index=True)
+    stored = FeedbackStore.from_settings(load_settings(root / policy)).read(columns=["event_id", "user_id"])
+    users = own["event_id"].map(dict(zip(stored["event_id"], stored["user_id"]))).astype(str).to_numpy()
+    return own, users
+
+
+def compare_policies(root: Path, share: float = 0.2) -> dict:
+    """AUC(a) - AUC(b) for every pair of policies on the newest ``share`` of the events, paired by event,
+    95 % user-bootstrap CI. Pairs where either policy served nothing on some of those batches are skipped."""
+    from itertools import combinations
+
+    from models.bootstrap import paired_bootstrap_auc
+
+    doc = json.loads((root / "reports" / "replay" / "replay.json").read_text())
+    order = {"drift": 0, "periodic": 1, "never": 2}  # the policy that retrains on evidence first
+    scores = {p: _policy_scores(root, p, recs, share) for p, recs in doc["batches"].items()}
+    out = {}
+    for a, b in combinations(sorted(scores, key=lambda p: order.get(p, 9)), 2):
+        if scores[a] is None or scores[b] is None:
+            print(f"{a} - {b}: not compared (a policy served no model on some of the newest batches)")
+            continue
+        (sa, users), (sb, _) = scores[a], scores[b]
+        if len(sa) != len(sb) or (sa["event_id"].to_numpy() != sb["event_id"].to_numpy()).any():
+            raise ValueError(f"{a} and {b}: their scores are not the same events")
+        ci = paired_bootstrap_auc(sa["label"].to_numpy(), sa["score"].to_numpy(), sb["score"].to_numpy(),
+                                  samples=500, seed=0, groups=users)
+        out[f"{a} - {b}"] = {"events": len(sa), "delta": ci.estimate, "ci95": [ci.low, ci.high]}
+        print(f"{a} - {b}: {len(sa):,} events: AUC difference {ci.estimate:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}] "
+              "(users resampled)")
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--baseline", default="statistics-lr")
     ap.add_argument("--share", type=float, default=0.2)
     args = ap.parse_args(argv)
-    return compare(args.workdir, args.baseline, args.share)
+    return {"vs_baseline": compare(args.workdir, args.baseline, args.share),
+            "policies": compare_policies(args.workdir, args.share)}
 
 
 if __name__ == "__main__":

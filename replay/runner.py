@@ -13,7 +13,8 @@ b. **ingest** the batch through the ingest flow (Great Expectations; bad batches
    quarantined exactly as in production) - before the test of a., which reads the store;
 c. **monitor** (drift policy): the monitor flow decides whether to retrain;
 d. **train** according to the policy, through the production retrain flow and its gates:
-   ``never`` trains once after the first ``initial_periods``; ``periodic`` then every
+   ``never`` trains once after the first ``initial_periods`` (again each period only while no candidate has
+   passed the gates yet: never retrains *after* its first deployment); ``periodic`` then every
    ``every`` periods; ``drift`` whenever the monitor says so.
 
 Progress is saved after every batch (``<policy workspace>/state/replay.json``): a killed
@@ -127,12 +128,18 @@ def movielens_source(path, period_days: int = 7) -> ReplaySource:
                         data.users, None)
 
 
-def should_retrain(policy: str, done_periods: int, cfg: ReplayConfig, monitor: dict | None) -> tuple[bool, str]:
-    """The policy's decision after ``done_periods`` batches have been ingested."""
+def should_retrain(policy: str, done_periods: int, cfg: ReplayConfig, monitor: dict | None,
+                   has_champion: bool = True) -> tuple[bool, str]:
+    """The policy's decision after ``done_periods`` batches have been ingested (``has_champion``: whether a
+    model is in production). ``never`` means "never after the first deployment": until a candidate has passed
+    the gates it tries again every period, as the drift policy's monitor does ("no champion") - otherwise a
+    rejected first candidate would leave it serving nothing and every comparison with it would be vacuous."""
     if done_periods < cfg.initial_periods:
         return False, ""
     if done_periods == cfg.initial_periods:
         return True, "initial"
+    if policy == "never" and not has_champion:
+        return True, "no_champion"
     if policy == "periodic" and (done_periods - cfg.initial_periods) % cfg.every == 0:
         return True, f"periodic(every {cfg.every})"
     if policy == "drift" and monitor and monitor.get("should_retrain"):
@@ -328,7 +335,8 @@ class PolicyRun:
                                   "suppressed_by": monitor.get("suppressed_by")}
                 rec["monitor_s"] = round(time.perf_counter() - t0, 2)
             # d. train by policy, through the production retrain flow and its gates
-            go, reason = should_retrain(self.policy, i + 1, self.cfg, monitor)
+            go, reason = should_retrain(self.policy, i + 1, self.cfg, monitor,
+                                        has_champion=self._champion_model()[0] is not None)
             if go:
                 rec.update(_retrain(self.settings, reason))
             rec["disk_mb"] = round(disk_usage(self.root) / 1e6, 1)  # the policy's workspace, hard links once

@@ -16,6 +16,8 @@ from replay.runner import ReplayConfig, movielens_source, should_retrain, synthe
     ("never", 3, None, (False, "")),
     ("never", 4, None, (True, "initial")),
     ("never", 5, {"should_retrain": True, "reason": "data_drift"}, (False, "")),
+    ("never", 5, None, (False, "")),
+    ("periodic", 3, None, (False, "")),
     ("periodic", 5, None, (True, "periodic(every 1)")),
     ("drift", 5, {"should_retrain": False}, (False, "")),
     ("drift", 5, {"should_retrain": True, "reason": "data_drift"}, (True, "data_drift")),
@@ -23,6 +25,17 @@ from replay.runner import ReplayConfig, movielens_source, should_retrain, synthe
 ])
 def test_policy_decisions(policy, done, monitor, expected):
     assert should_retrain(policy, done, ReplayConfig(initial_periods=4), monitor) == expected
+
+
+@pytest.mark.parametrize("policy,done,expected", [
+    ("never", 3, (False, "")),  # before the initial periods nothing trains, champion or not
+    ("never", 4, (True, "initial")),
+    ("never", 5, (True, "no_champion")),  # its first candidate was rejected: it tries again
+    ("never", 9, (True, "no_champion")),
+    ("drift", 5, (False, "")),  # the drift policy leaves that to its monitor (which says "no champion")
+])
+def test_never_keeps_trying_until_a_first_model_is_deployed(policy, done, expected):
+    assert should_retrain(policy, done, ReplayConfig(initial_periods=4), None, has_champion=False) == expected
 
 
 def test_periodic_every_n():
