@@ -256,7 +256,7 @@ def _add_operator_routes(app: FastAPI) -> None:
         cur = holder.current
         status = ("degraded" if holder.degraded else "ready") if cur else "no_model"
         body = {"status": status, "model_version": cur.version if cur else None,
-                "items_indexed": len(cur.index) if cur else 0, "events_cached": len(view.data.events),
+                "items_indexed": len(cur.index) if cur else 0, "events_cached": view.data.n_kept,
                 "events_counted": view.data.n_events,
                 "degraded_reason": holder.degraded, "last_error": holder.last_error}
         return JSONResponse(body if has_token(request, s.token) else public_info(body), status_code=200 if cur else 503)

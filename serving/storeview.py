@@ -26,8 +26,9 @@ instant are ordered by item id. When the catalog changes the category of an item
 events (or an item seen only in events joins the catalog), the per-category counts are recounted by
 a full rebuild that streams the store part by part; ``refresh(force=True)`` rebuilds too.
 
-``StoreData.events`` holds the tail events (time-ordered, Arrow-backed strings): the generic scoring
-path of models without the fast path (test stand-ins) sees only those.
+``StoreData.tail`` holds the tail events (an Arrow table, time-ordered); ``StoreData.events`` is the same
+rows as a pandas frame (Arrow-backed strings), built on first use: only the generic scoring path of models
+without the fast path (test stand-ins) reads it, so a server with the fast path never holds that copy.
 """
 
 from __future__ import annotations
@@ -127,24 +128,24 @@ def _merge_last(keys, ts, new_keys, new_ts):
     return k[last], t[last]
 
 
-def _trim_tail(tail: pa.Table, n_events: int, n_positives: int) -> tuple[pa.Table, np.ndarray]:
-    """Keep each user's last ``n_events`` rows and last ``n_positives`` positive rows of a time-ordered
-    tail; returns (kept rows, their positions grouped by user, time order inside)."""
-    u = tail.column("_u").to_numpy()
+def _trim_tail(u: np.ndarray, label: np.ndarray, n_events: int, n_positives: int) -> tuple[np.ndarray, np.ndarray]:
+    """Of a time-ordered tail (its user codes ``u`` and labels), which rows to keep: each user's last
+    ``n_events`` rows and last ``n_positives`` positive rows. Returns (the kept rows' positions, in time
+    order; the kept rows grouped by user, time order inside, as positions among the kept rows)."""
     g = np.argsort(u, kind="stable")
     us = u[g]
-    pos = tail.column("label").to_numpy()[g] == 1
+    pos = label[g] == 1
     n = len(us)
     idx = np.arange(n)
     ends = np.searchsorted(us, us, side="right")
     after = np.concatenate([np.cumsum(pos[::-1])[::-1], [0]])  # positives at or after each row
     keep_sorted = (ends - idx - 1 < n_events) | (pos & (after[idx] - after[ends] <= n_positives))
     if keep_sorted.all():
-        return tail, g
+        return idx, g
     keep = np.empty(n, dtype=bool)
     keep[g] = keep_sorted
     new_pos = np.cumsum(keep) - 1
-    return tail.filter(pa.array(keep)), new_pos[g[keep_sorted]]
+    return np.flatnonzero(keep), new_pos[g[keep_sorted]]
 
 
 def _normalise(chunk: pa.Table) -> pa.Table:
@@ -213,9 +214,16 @@ class _Totals:
         liked_key, liked_ts = _merge_last(self.liked_key, self.liked_ts, (u[liked] << _ITEM_BITS) | i[liked],
                                           ts[liked])
         new = t.append_column("_u", pa.array(u.astype(np.int32))).append_column("_i", pa.array(i.astype(np.int32)))
-        tail = concat_parts([self.tail, new]) if self.tail.num_rows else new
-        tail = tail.take(pc.sort_indices(tail, sort_keys=[("timestamp", "ascending"), ("event_id", "ascending")]))
-        tail, by_user = _trim_tail(tail, tail_events, tail_positives)
+        tail = concat_parts([self.tail, new]) if self.tail.num_rows else new  # chunked: no copy yet
+        # order and trim on the key columns only, then copy just the kept rows once (one take, not a sorted
+        # copy of tail + chunk and then a filtered copy of that: the start-up's peak is these transients)
+        order = pc.sort_indices(tail.select(["timestamp", "event_id"]),
+                                sort_keys=[("timestamp", "ascending"), ("event_id", "ascending")]).to_numpy()
+        keys = tail.select(["_u", "label"]).combine_chunks()
+        kept, by_user = _trim_tail(keys.column("_u").to_numpy()[order], keys.column("label").to_numpy()[order],
+                                   tail_events, tail_positives)
+        del keys
+        tail = tail.take(pa.array(order[kept]))
         newest = int(ts.max())
         return replace(
             self, users=users, items=items, cats=cats, item_cat=item_cat,
@@ -403,7 +411,7 @@ class StoreData:
 
     catalog: pd.DataFrame  # indexed by item_id (string), columns of CATALOG_COLUMNS
     catalog_sig: tuple | None
-    events: pd.DataFrame  # the users' tails: HISTORY_COLUMNS, time-ordered, Arrow-backed strings
+    tail: pa.Table = field(compare=False, repr=False)  # the users' tails (_TAIL_SCHEMA), time-ordered
     shown: pd.Series  # item_id -> number of events (exposures) in the store
     positives: pd.Series  # item_id -> number of positive events
     ledger_lines: int = 0
@@ -413,12 +421,22 @@ class StoreData:
     # "as of now" statistics for the model's fast scoring path (models.features.ServingStats),
     # built here, at refresh time, so a request only does array lookups
     stats: Any = field(default=None, compare=False, repr=False)
-    n_events: int = 0  # every event the view has counted (``len(events)`` is the tails only)
+    n_events: int = 0  # every event the view has counted (``n_kept`` is the tails only)
     users: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object), compare=False, repr=False)
     items: pd.Index = field(default_factory=lambda: pd.Index([], dtype=object), compare=False, repr=False)
     by_user: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), compare=False, repr=False)
     user_start: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64), compare=False, repr=False)
     tail_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), compare=False, repr=False)
+
+    @cached_property
+    def events(self) -> pd.DataFrame:
+        """The tails as a frame (HISTORY_COLUMNS, Arrow-backed strings), built on first use (generic path)."""
+        return _events_frame(self.tail)
+
+    @property
+    def n_kept(self) -> int:
+        """Events kept in the users' tails."""
+        return self.tail.num_rows
 
     def _rows_of_user(self, user_id: str) -> np.ndarray | None:
         try:
@@ -497,7 +515,7 @@ def _snapshot(totals: _Totals, catalog: pd.DataFrame, catalog_sig, ledger_lines:
     tail = totals.tail
     users_sorted = tail.column("_u").to_numpy()[totals.by_user]
     return StoreData(
-        catalog=catalog, catalog_sig=catalog_sig, events=_events_frame(tail), shown=shown, positives=positives,
+        catalog=catalog, catalog_sig=catalog_sig, tail=tail, shown=shown, positives=positives,
         ledger_lines=ledger_lines, n_parts=len(parts), parts=parts, meta=meta, stats=stats,
         n_events=totals.n_events, users=totals.users.index, items=totals.items.index, by_user=totals.by_user,
         user_start=np.searchsorted(users_sorted, np.arange(len(totals.users) + 1)).astype(np.int64),
@@ -581,7 +599,7 @@ class StoreView:
             self.refreshes += 1
             self.rebuilds += int(full)
             log.info("store view %s: %d events counted, %d kept (tails), %d users, %d items",
-                     "rebuilt" if full else "refreshed", totals.n_events, len(self.data.events),
+                     "rebuilt" if full else "refreshed", totals.n_events, self.data.n_kept,
                      len(totals.users), len(self.data.catalog))
             return True
 

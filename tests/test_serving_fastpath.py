@@ -85,6 +85,7 @@ def test_recommend_scores_equal_the_full_model_over_the_whole_store(holder, sett
         counting.calls.clear()
         r = ranking.recommend(h.current, data, settings, user, 8, np.random.default_rng(0))
         assert counting.calls == ["user_context", "score_items"]  # one user vector, reused; no pandas path
+        assert "events" not in vars(data)  # nor the pandas copy of the tails (built only for that path)
         assert not r.cold_start and len(r.items) == 8
         ids = [it["item_id"] for it in r.items]
         want = _full_scores(counting._m, data, store, user, ids)
