@@ -323,3 +323,29 @@ def test_a_batch_is_scored_with_features_as_fresh_as_the_lag_allows(tmp_path, mo
     assert seen["fit"] == [first]  # batch 0 had nothing stored before it: no baseline; batch 1's fit without it
     assert seen["score"] == [first | second]
     assert (run.scores_dir / "batch-0001.parquet").exists()
+
+
+def test_a_never_policy_whose_first_candidate_is_rejected_trains_again_then_stops(tmp_path, monkeypatch):
+    """Through ``PolicyRun`` (real ingest flow; the retrain flow replaced by a stand-in whose first candidate
+    the gates reject and whose second they promote): never retries while nothing is deployed, then stops."""
+    import replay.runner as runner_mod
+    from tests.conftest import small_world_config
+
+    deployed: list[str] = []
+    decisions = iter([False, True])
+
+    def fake_retrain(settings, reason):
+        promoted = next(decisions, True)
+        if promoted:
+            deployed.append("1")
+        return {"retrained": True, "promoted": promoted, "reason": reason}
+
+    monkeypatch.setattr(runner_mod, "_retrain", fake_retrain)
+    monkeypatch.setattr(runner_mod.PolicyRun, "_champion_model",
+                        lambda self: (deployed[-1], None, None) if deployed else (None, None, None))
+    src = synthetic_source(small_world_config(n_days=3, drift_day=None))
+    cfg = ReplayConfig(policies=("never",), initial_periods=1, max_batches=3, workers=1,
+                       settings_overrides={"checks": {"data_docs": False}})
+    recs = runner_mod.PolicyRun("never", src, tmp_path, cfg).run()
+    assert [r.get("reason") for r in recs] == ["initial", "no_champion", None]
+    assert [r.get("promoted") for r in recs] == [False, True, None]
