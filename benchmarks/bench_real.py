@@ -1,7 +1,8 @@
 """Benchmark on real data: MovieLens-100k (RecBole atomic files) through import and ingest.
 
     .venv/bin/python benchmarks/bench_real.py [--cache ~/.cache/recloop/ml-100k] [--workspace DIR]
-                                              [--period-days 7] [--train [--lags 0,600] [--gap-days D]] [--ceilings]
+                                              [--period-days 7] [--train [--lags 0,600] [--gap-days D]
+                                              [--mode top_layers=2] [--max-epochs N]] [--ceilings]
                                               [--ablations] [--retrain] [--replay]
 
 1. **fetch** (once): ``pip download recbole==1.2.1 --no-deps`` into a temporary folder and
@@ -412,6 +413,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--ranker", default="lightgbm", help="lightgbm | logistic | none (--train)")
     ap.add_argument("--gap-days", type=float, default=0.0,
                     help="--train: fit only on events older than the test start minus this many days (staleness)")
+    ap.add_argument("--mode", default=None, help="--train: settings.training.mode (frozen | top_layers=k | full)")
+    ap.add_argument("--max-epochs", type=int, default=None, help="--train: settings.training.max_epochs")
     ap.add_argument("--ablations", action="store_true", help="what each signal adds (lag 0; ~6 trainings)")
     ap.add_argument("--ceilings", action="store_true", help="how far item-side signals alone go (seconds, no training)")
     ap.add_argument("--retrain", action="store_true", help="then run one retrain through the production flow")
@@ -433,8 +436,9 @@ def main(argv=None) -> dict:
         if not (args.train or args.retrain or args.replay):
             return res
     if args.train:
+        training = {k: v for k, v in (("mode", args.mode), ("max_epochs", args.max_epochs)) if v is not None}
         res = train(cache, tuple(float(x) for x in args.lags.split(",")),
-                    ranker=args.ranker, gap_days=args.gap_days)
+                    ranker=args.ranker, gap_days=args.gap_days, **training)
         _print_holdout(res)
         if not (args.retrain or args.replay):
             return res
