@@ -22,28 +22,42 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def _scores(root: Path, policy: str, batches: list[dict]):
+    """(the policy's per-event scores over ``batches``, the user of each event, from the policy's store)."""
+    import pandas as pd
+
+    from recloop.settings import load_settings
+    from recloop.store import FeedbackStore
+    from replay.report import batch_file
+
+    own = pd.concat([pd.read_parquet(root / policy / "scores" / batch_file(r["batch"])) for r in batches],
+                    ignore_index=True)
+    stored = FeedbackStore.from_settings(load_settings(root / policy)).read(columns=["event_id", "user_id"])
+    users = own["event_id"].map(dict(zip(stored["event_id"], stored["user_id"]))).astype(str).to_numpy()
+    return own, users
+
+
+def _batches(root: Path) -> dict[str, list[dict]]:
+    return json.loads((root / "reports" / "replay" / "replay.json").read_text())["batches"]
+
+
 def compare(root: Path, baseline: str = "statistics-lr", share: float = 0.2) -> dict:
     import pandas as pd
 
     from models.bootstrap import paired_bootstrap_auc
-    from recloop.settings import load_settings
-    from recloop.store import FeedbackStore
     from replay.report import batch_file, newest_batches
 
-    doc = json.loads((root / "reports" / "replay" / "replay.json").read_text())
     out = {}
-    for policy, records in doc["batches"].items():
+    for policy, records in _batches(root).items():
         scored = [r for r in newest_batches(records, share) if r.get("auc") is not None]
         if not scored:
             out[policy] = None  # no champion served these batches
             continue
-        names = [batch_file(r["batch"]) for r in scored]
-        own = pd.concat([pd.read_parquet(root / policy / "scores" / n) for n in names], ignore_index=True)
-        base = pd.concat([pd.read_parquet(root / "baseline_scores" / n) for n in names], ignore_index=True)
+        own, users = _scores(root, policy, scored)
+        base = pd.concat([pd.read_parquet(root / "baseline_scores" / batch_file(r["batch"])) for r in scored],
+                         ignore_index=True)
         if len(own) != len(base) or (own["label"].to_numpy() != base["label"].to_numpy()).any():
             raise ValueError(f"{policy}: its scores and the baselines' are not the same events")
-        stored = FeedbackStore.from_settings(load_settings(root / policy)).read(columns=["event_id", "user_id"])
-        users = own["event_id"].map(dict(zip(stored["event_id"], stored["user_id"]))).astype(str).to_numpy()
         ci = paired_bootstrap_auc(own["label"].to_numpy(), own["score"].to_numpy(), base[baseline].to_numpy(),
                                   samples=500, seed=0, groups=users)
         wins = [r["auc"] > r["baselines"][baseline] for r in records
@@ -55,35 +69,20 @@ def compare(root: Path, baseline: str = "statistics-lr", share: float = 0.2) -> 
     return out
 
 
-def _policy_scores(root: Path, policy: str, records: list[dict], share: float):
-    """(the policy's per-event scores over the newest ``share``, users of those events) or None when its
-    champion did not serve every one of those batches."""
-    import pandas as pd
-
-    from recloop.settings import load_settings
-    from recloop.store import FeedbackStore
-    from replay.report import batch_file, newest_batches
-
-    newest = newest_batches(records, share)
-    if not newest or any(r.get("auc") is None for r in newest):
-        return None
-    own = pd.concat([pd.read_parquet(root / policy / "scores" / batch_file(r["batch"])) for r in newest],
-                    ignore_index=True)
-    stored = FeedbackStore.from_settings(load_settings(root / policy)).read(columns=["event_id", "user_id"])
-    users = own["event_id"].map(dict(zip(stored["event_id"], stored["user_id"]))).astype(str).to_numpy()
-    return own, users
-
-
 def compare_policies(root: Path, share: float = 0.2) -> dict:
     """AUC(a) - AUC(b) for every pair of policies on the newest ``share`` of the events, paired by event,
     95 % user-bootstrap CI. Pairs where either policy served nothing on some of those batches are skipped."""
     from itertools import combinations
 
     from models.bootstrap import paired_bootstrap_auc
+    from replay.report import newest_batches
 
-    doc = json.loads((root / "reports" / "replay" / "replay.json").read_text())
     order = {"drift": 0, "periodic": 1, "never": 2}  # the policy that retrains on evidence first
-    scores = {p: _policy_scores(root, p, recs, share) for p, recs in doc["batches"].items()}
+    scores = {}
+    for policy, records in _batches(root).items():
+        newest = newest_batches(records, share)
+        served = bool(newest) and all(r.get("auc") is not None for r in newest)
+        scores[policy] = _scores(root, policy, newest) if served else None
     out = {}
     for a, b in combinations(sorted(scores, key=lambda p: order.get(p, 9)), 2):
         if scores[a] is None or scores[b] is None:

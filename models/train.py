@@ -234,6 +234,8 @@ def collab_features(collab: CollabModel, rows: pd.DataFrame, history: pd.DataFra
         out[b] = collab.features(hist_cf[b], pos_map[target[b]], cat_n[b], cat_pos[b], text_prior[b], prior, wide[b],
                                  recent_cf, labels, text_similarity(item_vecs, target[b], recent))
     return out
+
+
 FUSION_CHUNKS = 4  # time chunks of a part: chunk j's rows get collaborative counts fitted on chunks < j
 
 

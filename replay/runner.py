@@ -335,8 +335,7 @@ class PolicyRun:
                                   "suppressed_by": monitor.get("suppressed_by")}
                 rec["monitor_s"] = round(time.perf_counter() - t0, 2)
             # d. train by policy, through the production retrain flow and its gates
-            go, reason = should_retrain(self.policy, i + 1, self.cfg, monitor,
-                                        has_champion=self._champion_model()[0] is not None)
+            go, reason = should_retrain(self.policy, i + 1, self.cfg, monitor, has_champion=version is not None)
             if go:
                 rec.update(_retrain(self.settings, reason))
             rec["disk_mb"] = round(disk_usage(self.root) / 1e6, 1)  # the policy's workspace, hard links once
