@@ -273,6 +273,8 @@ class Recommender:
         if missing:
             raise ValueError(f"history is missing columns {missing}")
         pairs = pairs.reset_index(drop=True)
+        if "query" in pairs.columns and not self.query_trained:  # an untrained query projection is noise
+            pairs = pairs.drop(columns="query")
         items = ItemIndex.from_catalog(catalog, pd.concat([pairs["item_id"].astype("string"),
                                                            history["item_id"].astype("string")]))
         tower = self._item_tower(items)
@@ -336,6 +338,29 @@ class Recommender:
                                          self.config["prior"], feats.wide[b], rec_cf, labels, sims)
         return _sigmoid(self.ranker.logit(ranker_matrix(logit, cos, feats.wide, cf)))
 
+    @property
+    def query_trained(self) -> bool:
+        """Whether the user tower learned to read a query: its training events had queries. When they had
+        none (MovieLens, most logs), the query projection and the ``has_query`` input kept their random
+        start, so scoring leaves the query out (search relevance comes from :meth:`query_vector` then).
+        Models saved before this was recorded (no ``n_query_texts``) keep reading it."""
+        return int(self.config.get("n_query_texts", 1)) > 0
+
+    def item_text_vectors(self, catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(item_ids, L2-normalised **encoder** vectors of the items' texts [n, text_dim]): what a search
+        query is compared with (:meth:`query_vector`). From the text cache: no re-encoding of known items."""
+        items = ItemIndex.from_catalog(catalog)
+        return np.asarray(items.item_ids, dtype=object), unit_rows(self.text_vectors(items.texts).numpy())
+
+    def query_vector(self, query: str) -> np.ndarray:
+        """L2-normalised encoder vector of a search query (float32 [text_dim]): its cosine with
+        :meth:`item_text_vectors` is how close an item's text is in meaning (the pretrained sentence
+        encoder's semantic search, independent of what the towers learned)."""
+        q = str(query).strip()
+        if not q:
+            raise ValueError("the query is empty")
+        return unit_rows(self.text_vectors([q], queries=True).numpy())[0].astype(np.float32)
+
     def item_vectors(self, catalog: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(item_ids, L2-normalised item-tower vectors [n, d]) for every catalog item."""
         items = ItemIndex.from_catalog(catalog)
@@ -386,7 +411,7 @@ class Recommender:
         """
         user_id = str(user_id)
         us = stats.user(user_id)
-        q = query.strip() if isinstance(query, str) else None
+        q = query.strip() if isinstance(query, str) and self.query_trained else None
         has = bool(q)
         hist = stats.history_items(us, int(self.config["history_len"]))
         real = hist[hist >= 0]

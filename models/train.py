@@ -387,6 +387,7 @@ def _config(cfg, encoder: TextEncoder, encoder_path: Path, dm: RecDataModule, fi
         train_start=str(dm.window_start), train_end=str(dm.window_end), fit_end=str(final_dm.train_end),
         val_start=str(val.min()) if dm.n_val else None, val_end=str(val.max()) if dm.n_val else None,
         n_train=final_dm.n_train, n_val=dm.n_val, n_selection_train=dm.n_train,
+        n_query_texts=len(final_dm.query_texts),
         best_val_auc=best_auc, epochs=len(history), epochs_chosen=epochs_chosen, refit_full=refit,
         feature_lag_seconds=float(lag.total_seconds()), seed=cfg.seed, precision=cfg.precision,
         ranker=ranker_info)

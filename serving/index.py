@@ -46,6 +46,9 @@ class ItemIndex:
     build_seconds: float = 0.0
     n_encoded: int = 0  # how many vectors the last build had to compute
     ann: AnnIndex | None = field(default=None, repr=False)  # None: exact retrieval
+    # float32 [n, text_dim], L2-normalised encoder vectors of the item texts (search relevance,
+    # ``Recommender.item_text_vectors``); None for models without them
+    text_vectors: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -53,6 +56,15 @@ class ItemIndex:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1]) if self.vectors.ndim == 2 else 0
+
+    def top_by_text(self, query_vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and cosines of the ``n`` items whose text is closest in meaning to a search query
+        (``Recommender.query_vector``), best first; exact (one matrix-vector product)."""
+        if self.text_vectors is None:
+            raise ValueError("this index has no text vectors (the model does not provide them)")
+        from models.catalog_eval import top_n
+
+        return top_n(self.text_vectors, np.asarray(query_vector, dtype=np.float32), n)
 
     def rows_of(self, item_ids) -> np.ndarray:
         return np.array([self.row[i] for i in item_ids if i in self.row], dtype=np.int64)
@@ -139,42 +151,46 @@ class ItemIndex:
         catalog = catalog.reset_index(drop=True)
         ids = catalog["item_id"].astype(str).to_numpy()
         hashes = text_hashes(catalog)
-        sources = []
-        if previous is not None:
-            sources.append((previous.item_ids, previous.hashes, previous.vectors))
-        dim = None
-        vec_of: dict[str, np.ndarray] = {}
-        for s_ids, s_hash, s_vec in sources:
-            dim = s_vec.shape[1]
-            lookup = {str(i): k for k, i in enumerate(s_ids)}
-            for iid, h in zip(ids, hashes):
-                if iid in vec_of:
-                    continue
-                k = lookup.get(iid)
-                if k is not None and s_hash[k] == h:
-                    vec_of[iid] = s_vec[k]
-        missing = [j for j, iid in enumerate(ids) if iid not in vec_of]
-        new_vecs = {}
-        for start in range(0, len(missing), chunk):
-            sel = missing[start:start + chunk]
-            out_ids, vecs = model.item_vectors(catalog.iloc[sel].reset_index(drop=True))
-            vecs = unit_rows(vecs)
-            dim = vecs.shape[1]
-            for iid, v in zip(out_ids, vecs):
-                new_vecs[str(iid)] = v
-        if dim is None:
-            dim = 0
-        vectors = np.zeros((len(ids), dim), dtype=np.float32)
-        for j, iid in enumerate(ids):
-            v = vec_of.get(iid)
-            if v is None:
-                v = new_vecs.get(iid)
-            if v is not None:
-                vectors[j] = v
-        return cls(item_ids=ids, vectors=np.ascontiguousarray(vectors), hashes=hashes,
+        vectors, n_encoded = _vectors(model.item_vectors, ids, hashes, catalog, chunk,
+                                      previous and (previous.item_ids, previous.hashes, previous.vectors))
+        texts = None
+        if hasattr(model, "item_text_vectors"):
+            old = previous is not None and previous.text_vectors is not None
+            texts, _ = _vectors(model.item_text_vectors, ids, hashes, catalog, chunk,
+                                old and (previous.item_ids, previous.hashes, previous.text_vectors))
+        return cls(item_ids=ids, vectors=vectors, hashes=hashes,
                    row={iid: j for j, iid in enumerate(ids)}, build_seconds=time.perf_counter() - t0,
-                   n_encoded=len(missing))
+                   n_encoded=n_encoded, text_vectors=texts)
 
+
+def _vectors(compute, ids: np.ndarray, hashes: np.ndarray, catalog: pd.DataFrame, chunk: int,
+             previous) -> tuple[np.ndarray, int]:
+    """(unit vectors [n, d] aligned with ``ids``, how many were computed): rows of ``previous`` (item_ids,
+    hashes, vectors) whose text hash matches are reused, the rest come from ``compute(catalog rows)``."""
+    vec_of: dict[str, np.ndarray] = {}
+    dim = None
+    if previous:
+        s_ids, s_hash, s_vec = previous
+        dim = s_vec.shape[1]
+        lookup = {str(i): k for k, i in enumerate(s_ids)}
+        for iid, h in zip(ids, hashes):
+            k = lookup.get(iid)
+            if k is not None and s_hash[k] == h:
+                vec_of[iid] = s_vec[k]
+    missing = [j for j, iid in enumerate(ids) if iid not in vec_of]
+    for start in range(0, len(missing), chunk):
+        sel = missing[start:start + chunk]
+        out_ids, vecs = compute(catalog.iloc[sel].reset_index(drop=True))
+        vecs = unit_rows(vecs)
+        dim = vecs.shape[1]
+        for iid, v in zip(out_ids, vecs):
+            vec_of[str(iid)] = v
+    vectors = np.zeros((len(ids), dim or 0), dtype=np.float32)
+    for j, iid in enumerate(ids):
+        v = vec_of.get(iid)
+        if v is not None:
+            vectors[j] = v
+    return np.ascontiguousarray(vectors), len(missing)
 
 def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> np.ndarray:
     """Maximal marginal relevance: greedily pick ``k`` of the candidates.

@@ -244,14 +244,40 @@ def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, r
     return Ranked(items=items, cold_start=cold, n_candidates=n_cand, explored=explore_row is not None)
 
 
+def standard_fusion(relevance: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """Sum of the z-scores (over the candidates) of the text relevance and the model's logit: scale-free, no
+    weight to tune, and unlike a rank fusion it keeps the size of a gap — an exact title match stands far
+    above the next text, so the model's preference reorders only where relevance does not separate."""
+    rel = np.asarray(relevance, dtype=np.float64)
+    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-6, 1 - 1e-6)
+    if rel.shape != p.shape:
+        raise ValueError(f"relevance {rel.shape} and probability {p.shape} differ in shape")
+    return _z(rel) + _z(np.log(p / (1 - p)))
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    sd = x.std()
+    return (x - x.mean()) / sd if sd > 1e-12 else np.zeros_like(x)
+
+
 def search(served: Served, data: StoreData, settings, query: str, user_id: str | None, k: int,
            rng: np.random.Generator) -> Ranked:
     s = settings.serving
     index = served.index
     scorer = _Scorer(served, data, user_id, query)
-    cand_rows, n_cand = index.retrieve_for_rescore(scorer.user_vector(), s.candidates, s.rescore)
-    scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
-    picked = _order(scores, index.vectors[cand_rows], k, s.mmr_lambda)
+    if index.text_vectors is not None and hasattr(served.model, "query_vector"):
+        # relevance by meaning (the encoder's query vs item texts), then the model's like-probability
+        # for this user; the order fuses the two ranks
+        cand_rows, rel = index.top_by_text(served.model.query_vector(query), s.candidates)
+        n_cand = len(cand_rows)
+        cand_rows = cand_rows[: max(int(s.rescore), 0)]
+        scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
+        fused = standard_fusion(rel[: len(cand_rows)], scores)
+        picked = _order(fused, index.vectors[cand_rows], k, s.mmr_lambda)
+    else:  # models without text vectors: the user tower with the query retrieves
+        cand_rows, n_cand = index.retrieve_for_rescore(scorer.user_vector(), s.candidates, s.rescore)
+        scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
+        picked = _order(scores, index.vectors[cand_rows], k, s.mmr_lambda)
     qwords = _words(query)
     items = []
     for rank, j in enumerate(picked, start=1):

@@ -75,6 +75,28 @@ class TextHashRecommender:
         return np.asarray(out)
 
 
+class TextSearchRecommender(TextHashRecommender):
+    """A stand-in with search vectors (``item_text_vectors`` / ``query_vector``: the hashed words) whose
+    **user tower ignores the query**: search is relevant only if it reads the text vectors."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.text_vector_calls = 0
+
+    def item_text_vectors(self, catalog: pd.DataFrame):
+        self.text_vector_calls += 1
+        return self.item_vectors(catalog)
+
+    def query_vector(self, query: str) -> np.ndarray:
+        return _embed(query)
+
+    def user_vectors(self, user_ids, history, catalog, queries=None):
+        return super().user_vectors(user_ids, history, catalog, queries=None)
+
+    def score(self, pairs, history, catalog):
+        return super().score(pairs.drop(columns="query", errors="ignore"), history, catalog)
+
+
 def catalog_frame(n_per_cat: int = 6) -> pd.DataFrame:
     cats = {"science fiction": ["starship", "galaxy", "android", "alien", "orbit", "nebula"],
             "cooking": ["recipe", "kitchen", "bake", "pasta", "bread", "soup"],

@@ -211,3 +211,44 @@ def test_lru_is_thread_safe():
     for t in threads:
         t.join()
     assert len(lru) == 50
+
+
+def test_search_vectors_are_the_encoders_and_aligned(model, world):
+    catalog = world.catalog
+    ids, vecs = model.item_text_vectors(catalog)
+    assert list(ids) == catalog["item_id"].astype(str).tolist()
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    from recloop.schema import item_text
+
+    text = item_text(catalog.iloc[[7]]).iloc[0]
+    q = model.query_vector(text)  # an item's own text as the query: its own row, cosine 1
+    assert int(np.argmax(vecs @ q)) == 7 and float(vecs[7] @ q) > 0.999
+    with pytest.raises(ValueError, match="empty"):
+        model.query_vector("   ")
+
+
+def test_a_model_trained_without_queries_leaves_them_out(tmp_path, world, model):
+    """Its query projection never saw a query (random start): scoring and the user tower ignore the query.
+    The query-trained model above does read it (the check can fail)."""
+    from models.testing import make_tiny_encoder
+    from models.train import train_recommender
+    from recloop.settings import load_settings
+
+    enc = make_tiny_encoder(tmp_path / "encoder")
+    s = load_settings(tmp_path / "ws", training={"encoder_path": str(enc), "max_epochs": 1, "embed_dim": 16,
+                                                 "batch_size": 256})
+    events = world.events[world.events["timestamp"] < world.day_start(6)].assign(query=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = train_recommender(s, events, world.catalog, world.users, run_dir=tmp_path / "run").model
+    assert plain.config["n_query_texts"] == 0 and not plain.query_trained and model.query_trained
+    history = _history(world)
+    items = world.catalog["item_id"].astype(str).tolist()
+    user = _users(world, history)[0]
+    for m, reads in ((plain, False), (model, True)):
+        stats = m.serving_stats(history, world.catalog)
+        with_q, without = m.score_user(stats, user, items, query="galaxy starship"), m.score_user(stats, user, items)
+        pairs = pd.DataFrame({"user_id": user, "item_id": items, "query": "galaxy starship"})
+        np.testing.assert_allclose(m.score(pairs, history, world.catalog), with_q, rtol=0, atol=2e-6)
+        assert (np.abs(with_q - without).max() > 1e-4) == reads
+        assert m.user_context(stats, user, "galaxy starship").has_query == reads

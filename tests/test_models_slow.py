@@ -42,6 +42,12 @@ def test_short_training_with_real_minilm(settings, small_world, tmp_path):
     before = out.model.score(pairs, small_world.events, small_world.catalog)
     loaded = Recommender.load(out.model.save(tmp_path / "m"))
     np.testing.assert_array_equal(before, loaded.score(pairs, small_world.events, small_world.catalog))
+    # search relevance (serving's /search retrieval): a query sharing no word with any item text
+    ids, vecs = loaded.item_text_vectors(small_world.catalog)
+    category = dict(zip(small_world.catalog["item_id"].astype(str), small_world.catalog["category"]))
+    for query, want in (("outer space exploration", "science fiction"), ("a dinner you make at home", "cooking")):
+        top = np.argsort(-(vecs @ loaded.query_vector(query)))[:5]
+        assert [category[str(ids[j])] for j in top] == [want] * 5, query
 
 
 DDP_SCRIPT = textwrap.dedent("""

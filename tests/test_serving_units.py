@@ -13,7 +13,7 @@ from serving.index import ItemIndex, exploration_pool, mmr
 from serving.lifecycle import InMemoryModelSource, LocalDirModelSource, ModelHolder
 from serving.security import RateLimiter
 from serving.storeview import StoreView
-from tests.conftest_serving import TextHashRecommender, catalog_frame, world  # noqa: F401
+from tests.conftest_serving import TextHashRecommender, TextSearchRecommender, catalog_frame, world  # noqa: F401
 
 
 def _event(eid, user="u9", item="sci0", etype="click", ts="2026-01-06T10:00:00+00:00"):
@@ -146,6 +146,65 @@ def test_search_matches_query_words(holder):
                        np.random.default_rng(0))
     assert r.items[0]["category"] == "jazz"
     assert "saxophone" in r.items[0]["reason"] or "bebop" in r.items[0]["reason"]
+
+
+def test_search_fusion_keeps_a_clear_match_first_and_lets_the_model_order_the_rest():
+    from serving.ranking import standard_fusion
+
+    # 50 candidates (serving.rescore); item 0 matches the query far better than the rest (an exact title):
+    # first despite the lowest probability; the others' relevance is close, so the model orders them
+    rng = np.random.default_rng(0)
+    rel = np.r_[0.95, rng.uniform(0.45, 0.55, 49)]
+    prob = np.r_[0.05, rng.uniform(0.1, 0.9, 49)]
+    order = np.argsort(-standard_fusion(rel, prob))
+    assert order[0] == 0 and prob[order[1]] > np.quantile(prob, 0.8)
+    tied = np.r_[0.95, np.full(49, 0.5)]  # equal relevance: exactly the model's order
+    assert list(np.argsort(-standard_fusion(tied, prob), kind="stable")[1:]) == \
+        list(1 + np.argsort(-prob[1:], kind="stable"))
+    assert np.argsort(-standard_fusion(rel, np.full(50, 0.5)))[0] == 0
+    assert np.all(standard_fusion(np.ones(3), np.full(3, 0.5)) == 0)  # nothing to separate
+    with pytest.raises(ValueError, match="shape"):
+        standard_fusion(rel, prob[:3])
+
+
+def test_index_keeps_text_vectors_and_reuses_them(world):
+    _settings, _store, cat = world
+    model = TextSearchRecommender()
+    idx = ItemIndex.build(model, cat)
+    assert idx.text_vectors is not None and idx.text_vectors.shape[0] == len(cat)
+    np.testing.assert_allclose(np.linalg.norm(idx.text_vectors, axis=1), 1.0, atol=1e-6)
+    rows, sims = idx.top_by_text(model.query_vector("saxophone bebop"), 3)
+    assert idx.item_ids[rows[0]].startswith("jaz") and np.all(np.diff(sims) <= 1e-6)
+    cat2 = pd.concat([cat, cat.iloc[[0]].assign(item_id="fresh", title="Trumpet galaxy")], ignore_index=True)
+    idx2 = ItemIndex.build(model, cat2, previous=idx)
+    assert idx2.row["fresh"] == len(cat) and idx2.text_vectors.shape[0] == len(cat2)
+    np.testing.assert_allclose(idx2.text_vectors[idx2.row["jaz0"]], idx.text_vectors[idx.row["jaz0"]])
+    assert ItemIndex.build(TextHashRecommender(), cat).text_vectors is None  # a model without them
+    with pytest.raises(ValueError, match="no text vectors"):
+        ItemIndex.build(TextHashRecommender(), cat).top_by_text(model.query_vector("x"), 3)
+
+
+def test_search_reads_text_relevance_when_the_tower_ignores_the_query(world):
+    """The user tower of this stand-in ignores queries (as an untrained query projection does): only the
+    text path finds jazz for a jazz query, for an anonymous user and for one who likes science fiction."""
+    from serving import ranking
+
+    settings, _store, _ = world
+    settings.serving.rescore = 4  # the 4 items whose words match; the whole 18-item catalog otherwise
+    view = StoreView(settings.store_dir)
+    view.refresh(force=True)
+    h = ModelHolder(InMemoryModelSource(TextSearchRecommender(), "9"), view, settings)
+    assert h.poll_once() is True
+    for user in (None, "u1"):
+        r = ranking.search(h.current, view.data, settings, "saxophone bebop", user, 3, np.random.default_rng(0))
+        assert [it["category"] for it in r.items] == ["jazz"] * 3, user
+        assert r.items[0]["reason"].startswith("matches: ")
+    # the same index without text vectors: the tower path, which cannot see the query, fails it
+    legacy = h.current.__class__(model=h.current.model, version="9", info={},
+                                 index=h.current.index.__class__(**{**h.current.index.__dict__, "text_vectors": None}),
+                                 catalog_sig=None)
+    r = ranking.search(legacy, view.data, settings, "saxophone bebop", "u1", 3, np.random.default_rng(0))
+    assert [it["category"] for it in r.items] != ["jazz"] * 3
 
 
 def test_holder_swaps_versions_and_indexes_new_catalog_items(holder, world):
