@@ -49,6 +49,7 @@ class ItemIndex:
     # float32 [n, text_dim], L2-normalised encoder vectors of the item texts (search relevance,
     # ``Recommender.item_text_vectors``); None for models without them
     text_vectors: np.ndarray | None = field(default=None, repr=False)
+    text_ann: AnnIndex | None = field(default=None, repr=False)  # the HNSW graph over text_vectors (large catalogs)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -59,9 +60,12 @@ class ItemIndex:
 
     def top_by_text(self, query_vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and cosines of the ``n`` items whose text is closest in meaning to a search query
-        (``Recommender.query_vector``), best first; exact (one matrix-vector product)."""
+        (``Recommender.query_vector``), best first: exact (one matrix-vector product) below
+        ``serving.ann_min_items`` items, through its own HNSW graph above (:meth:`with_ann`)."""
         if self.text_vectors is None:
             raise ValueError("this index has no text vectors (the model does not provide them)")
+        if self.text_ann is not None:
+            return self.text_ann.search(self.text_vectors, query_vector, n)
         from models.catalog_eval import top_n
 
         return top_n(self.text_vectors, np.asarray(query_vector, dtype=np.float32), n)
@@ -100,44 +104,30 @@ class ItemIndex:
         catalog (loaded as is); the newest save of this model for another catalog (updated
         incrementally); a fresh build. ``directory`` + ``model_stamp`` (the model's version and
         identity) enable saving: a built graph is saved there so the next start loads it. Below the
-        threshold the index stays exact (``ann=None``).
+        threshold the index stays exact (``ann=None``). With ``text_vectors`` (search), a second graph over
+        them (``text_ann``) comes the same way, filed under the model's stamp + ``|texts``.
         """
         if len(self) < max(int(params.min_items), 1) or self.dim == 0:
-            return replace(self, ann=None) if self.ann is not None else self
+            return replace(self, ann=None, text_ann=None) if self.ann is not None or self.text_ann is not None \
+                else self
         keys = item_keys(self.item_ids)
         if len(np.unique(keys)) != len(keys):  # a 64-bit collision among item ids: never seen, but stay exact
             log.warning("item id hashes collide: ANN retrieval disabled for this catalog")
-            return replace(self, ann=None)
-        ann = None
-        key = prefix = None
-        if model_stamp is not None:
-            prefix = model_prefix(model_stamp, self.dim, params)
-            key = index_key(model_stamp, self.dim, params, keys, self.hashes)
-        prev = previous.ann if previous is not None else None
-        if prev is not None and prev.params.graph_fields() == params.graph_fields() and \
-                previous.dim == self.dim:
-            ann = prev.updated(self.vectors, keys, self.hashes)  # the caller passes a previous of the same model
-        if ann is None and directory is not None and key is not None:
-            ann = AnnIndex.load(directory, key, prefix, params)
-            if ann is None:
-                stale = AnnIndex.latest_for_model(directory, prefix, params)
-                if stale is not None:
-                    ann = stale.updated(self.vectors, keys, self.hashes)
-        if ann is None:
-            try:
-                ann = AnnIndex.build(self.vectors, keys, self.hashes, params)
-            except ImportError as exc:  # usearch not installed: exact retrieval, loudly
-                log.warning("ANN retrieval unavailable (%s): exact retrieval over %d items", exc, len(self))
-                return replace(self, ann=None)
-        if directory is not None and key is not None and ann.how != "loaded" and previous is None:
-            try:
-                ann.save(directory, key, prefix)
-            except OSError as exc:  # a read-only model folder: serve from memory, rebuild next start
-                log.warning("could not save the ANN index to %s: %s", directory, exc)
-        ann.key = key or ann.key
-        log.info("ANN index %s: %d items in %.1fs (+%d -%d)", ann.how, len(ann), ann.build_seconds, ann.n_added,
-                 ann.n_removed)
-        return replace(self, ann=ann.bind(keys))
+            return replace(self, ann=None, text_ann=None)
+        graphs = [("towers", self.vectors, model_stamp, previous.ann if previous is not None else None)]
+        if self.text_vectors is not None:  # search's own graph (another space); saved under another stamp
+            graphs.append(("texts", self.text_vectors, None if model_stamp is None else f"{model_stamp}|texts",
+                           previous.text_ann if previous is not None else None))
+        built = []
+        for what, vectors, stamp, prev in graphs:
+            ann = _graph(vectors, keys, self.hashes, params, directory, stamp, prev, previous is not None,
+                         keep=2 * len(graphs))
+            if ann is None:  # usearch not installed: exact retrieval, loudly
+                return replace(self, ann=None, text_ann=None)
+            log.info("ANN index (%s) %s: %d items in %.1fs (+%d -%d)", what, ann.how, len(ann), ann.build_seconds,
+                     ann.n_added, ann.n_removed)
+            built.append(ann.bind(keys))
+        return replace(self, ann=built[0], text_ann=built[1] if len(built) > 1 else None)
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod
@@ -161,6 +151,38 @@ class ItemIndex:
         return cls(item_ids=ids, vectors=vectors, hashes=hashes,
                    row={iid: j for j, iid in enumerate(ids)}, build_seconds=time.perf_counter() - t0,
                    n_encoded=n_encoded, text_vectors=texts)
+
+
+def _graph(vectors: np.ndarray, keys: np.ndarray, hashes: np.ndarray, params: AnnParams, directory: Path | None,
+           model_stamp: str | None, prev: AnnIndex | None, refreshing: bool, keep: int) -> AnnIndex | None:
+    """One HNSW graph over ``vectors`` (see :meth:`ItemIndex.with_ann`); None when usearch is missing."""
+    key = prefix = None
+    dim = vectors.shape[1]
+    if model_stamp is not None:
+        prefix = model_prefix(model_stamp, dim, params)
+        key = index_key(model_stamp, dim, params, keys, hashes)
+    ann = None
+    if prev is not None and prev.params.graph_fields() == params.graph_fields() and int(prev.graph.ndim) == dim:
+        ann = prev.updated(vectors, keys, hashes)  # the caller passes a previous of the same model
+    if ann is None and directory is not None and key is not None:
+        ann = AnnIndex.load(directory, key, prefix, params)
+        if ann is None:
+            stale = AnnIndex.latest_for_model(directory, prefix, params)
+            if stale is not None:
+                ann = stale.updated(vectors, keys, hashes)
+    if ann is None:
+        try:
+            ann = AnnIndex.build(vectors, keys, hashes, params)
+        except ImportError as exc:
+            log.warning("ANN retrieval unavailable (%s): exact retrieval over %d items", exc, len(keys))
+            return None
+    if directory is not None and key is not None and ann.how != "loaded" and not refreshing:
+        try:
+            ann.save(directory, key, prefix, keep=keep)
+        except OSError as exc:  # a read-only model folder: serve from memory, rebuild next start
+            log.warning("could not save the ANN index to %s: %s", directory, exc)
+    ann.key = key or ann.key
+    return ann
 
 
 def _vectors(compute, ids: np.ndarray, hashes: np.ndarray, catalog: pd.DataFrame, chunk: int,

@@ -287,3 +287,36 @@ def test_registry_graphs_live_next_to_the_versions_local_cache(tmp_path):
     (tmp_path / "models" / "5").mkdir(parents=True)
     (tmp_path / "models" / "CHAMPION").write_text("5")
     assert LocalDirModelSource(tmp_path / "models").index_dir("5") == tmp_path / "models" / "5" / "ann"
+
+
+class _SearchModel(_VectorModel):
+    """Also search vectors (``item_text_vectors``, another space: the catalog's ``tvec`` column, 64 dims)."""
+
+    def item_text_vectors(self, catalog: pd.DataFrame):
+        return catalog["item_id"].astype(str).to_numpy(dtype=object), np.stack(catalog["tvec"].to_numpy())
+
+
+def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp_path):
+    rng = np.random.default_rng(5)
+    centres = _unit(rng.standard_normal((40, 64)))
+    texts = _unit(centres[rng.integers(40, size=N)] + 0.08 * rng.standard_normal((N, 64)))
+    ids = [f"item-{j}" for j in range(N)]
+    cat = _catalog(data.vectors, ids).assign(tvec=list(texts))
+    holder = _holder(_Source(_SearchModel(), tmp_path), cat)
+    assert holder.poll_once()
+    idx = holder.current.index
+    assert idx.text_ann is not None and idx.ann is not None and idx.text_ann.graph is not idx.ann.graph
+    assert len(list((tmp_path / "v7" / "ann").glob("*.usearch"))) == 2  # towers + texts, both kept
+    queries = _unit(texts[rng.integers(N, size=50)] + 0.05 * rng.standard_normal((50, 64)))
+    hits = sum(len(set(idx.top_by_text(q, 100)[0].tolist()) & set(np.argsort(-(texts @ q), kind="stable")[:100].tolist()))
+               for q in queries)
+    assert hits / (100 * len(queries)) >= 0.95
+    second = _holder(_Source(_SearchModel(), tmp_path), cat)  # a restart loads both graphs
+    assert second.poll_once()
+    assert second.current.index.text_ann.how == "loaded" and second.current.index.ann.how == "loaded"
+    new_t = _unit(rng.standard_normal((1, 64)))
+    second.view.data = SimpleNamespace(
+        catalog=pd.concat([cat, _catalog(data.vectors[:1], ["brand-new"]).assign(tvec=list(new_t))]), catalog_sig=2)
+    assert second.refresh_data()
+    idx2 = second.current.index
+    assert idx2.text_ann.how == "updated" and idx2.item_ids[idx2.top_by_text(new_t[0], 1)[0][0]] == "brand-new"
