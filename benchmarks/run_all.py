@@ -2,7 +2,7 @@
 
 Quick modes are for checking that the benchmarks run and for a rough figure; the recorded figures in
 ``benchmarks/RESULTS.md`` come from the full commands each benchmark's docstring gives. MovieLens-100k
-(``bench_real.py``) needs the network once to fetch RecBole's wheel into its cache, so it is left out
+(``bench_real.py``, ``bench_search.py``) needs the network once to fetch RecBole's wheel into its cache, so it is left out
 unless ``--with-real`` is given.
 """
 
@@ -21,12 +21,13 @@ QUICK = [
     ("serving", ["benchmarks/bench_serving.py", "--items", "2000", "--events", "5000", "--requests", "50"]),
     ("memory", ["benchmarks/bench_memory.py", "--quick"]),
 ]
-REAL = ("real data (MovieLens-100k)", ["benchmarks/bench_real.py"])
+REAL = [("real data (MovieLens-100k)", ["benchmarks/bench_real.py"]),
+        ("search on real data (MovieLens-100k)", ["benchmarks/bench_search.py"])]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    runs = QUICK + ([REAL] if "--with-real" in argv else [])
+    runs = QUICK + (REAL if "--with-real" in argv else [])
     failed = []
     for name, args in runs:
         print(f"=== {name}: python {' '.join(args)}", flush=True)
