@@ -46,8 +46,8 @@ class ItemIndex:
     build_seconds: float = 0.0
     n_encoded: int = 0  # how many vectors the last build had to compute
     ann: AnnIndex | None = field(default=None, repr=False)  # None: exact retrieval
-    # float32 [n, text_dim], L2-normalised encoder vectors of the item texts (search relevance,
-    # ``Recommender.item_text_vectors``); None for models without them
+    # [n, text_dim], L2-normalised encoder vectors of the item texts (search relevance,
+    # ``Recommender.item_text_vectors``): float32, float16 once a graph serves them; None for models without them
     text_vectors: np.ndarray | None = field(default=None, repr=False)
     text_ann: AnnIndex | None = field(default=None, repr=False)  # the HNSW graph over text_vectors (large catalogs)
 
@@ -127,7 +127,10 @@ class ItemIndex:
             log.info("ANN index (%s) %s: %d items in %.1fs (+%d -%d)", what, ann.how, len(ann), ann.build_seconds,
                      ann.n_added, ann.n_removed)
             built.append(ann.bind(keys))
-        return replace(self, ann=built[0], text_ann=built[1] if len(built) > 1 else None)
+        if len(built) == 1:
+            return replace(self, ann=built[0], text_ann=None)
+        # behind a graph the text vectors only re-score the graph's hits: float16 halves their memory
+        return replace(self, ann=built[0], text_ann=built[1], text_vectors=self.text_vectors.astype(np.float16))
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod

@@ -320,3 +320,6 @@ def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp
     assert second.refresh_data()
     idx2 = second.current.index
     assert idx2.text_ann.how == "updated" and idx2.item_ids[idx2.top_by_text(new_t[0], 1)[0][0]] == "brand-new"
+    # behind the graph the text vectors are kept as float16 (they only re-score its hits)
+    assert idx.text_vectors.dtype == np.float16 and idx.vectors.dtype == np.float32
+    np.testing.assert_allclose(idx.top_by_text(queries[0], 5)[1], np.sort(texts @ queries[0])[::-1][:5], atol=2e-3)
