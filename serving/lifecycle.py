@@ -240,12 +240,21 @@ class RegistryModelSource:
 def _retrieval_info(index: ItemIndex) -> dict:
     """How the served index retrieves (``GET /model`` details)."""
     ann = index.ann
+    search = None if index.text_vectors is None else \
+        {"kind": "exact" if index.text_ann is None else "ann", "dim": int(index.text_vectors.shape[1])}
+    if index.text_ann is not None:
+        search.update(graph=index.text_ann.how, graph_seconds=round(index.text_ann.build_seconds, 3),
+                      memory_bytes=int(getattr(index.text_ann.graph, "memory_usage", 0) or 0))
     if ann is None:
-        return {"kind": "exact", "items": len(index)}
-    return {"kind": "ann", "library": "usearch", "items": len(index), "graph": ann.how,
-            "graph_seconds": round(ann.build_seconds, 3), "ef_search": ann.params.ef_search,
-            "connectivity": ann.params.connectivity, "dtype": ann.params.dtype,
-            "memory_bytes": int(getattr(ann.graph, "memory_usage", 0) or 0)}
+        out = {"kind": "exact", "items": len(index)}
+    else:
+        out = {"kind": "ann", "library": "usearch", "items": len(index), "graph": ann.how,
+               "graph_seconds": round(ann.build_seconds, 3), "ef_search": ann.params.ef_search,
+               "connectivity": ann.params.connectivity, "dtype": ann.params.dtype,
+               "memory_bytes": int(getattr(ann.graph, "memory_usage", 0) or 0)}
+    if search is not None:
+        out["search"] = search  # /search's retrieval over the item texts' encoder vectors
+    return out
 
 
 def _dedup(values: list[str]) -> list[str]:

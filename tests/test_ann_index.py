@@ -307,6 +307,8 @@ def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp
     idx = holder.current.index
     assert idx.text_ann is not None and idx.ann is not None and idx.text_ann.graph is not idx.ann.graph
     assert len(list((tmp_path / "v7" / "ann").glob("*.usearch"))) == 2  # towers + texts, both kept
+    assert holder.current.info["retrieval"]["search"] == {**holder.current.info["retrieval"]["search"],
+                                                          "kind": "ann", "dim": 64, "graph": "built"}
     queries = _unit(texts[rng.integers(N, size=50)] + 0.05 * rng.standard_normal((50, 64)))
     hits = sum(len(set(idx.top_by_text(q, 100)[0].tolist()) & set(np.argsort(-(texts @ q), kind="stable")[:100].tolist()))
                for q in queries)
