@@ -217,6 +217,7 @@ def _vectors(compute, ids: np.ndarray, hashes: np.ndarray, catalog: pd.DataFrame
             vectors[j] = v
     return np.ascontiguousarray(vectors), len(missing)
 
+
 def mmr(relevance: np.ndarray, vectors: np.ndarray, k: int, lam: float) -> np.ndarray:
     """Maximal marginal relevance: greedily pick ``k`` of the candidates.
 
