@@ -1,13 +1,12 @@
 """One request's ranking: retrieve, re-score, diversify, explore, explain.
 
-1. **Retrieve** ``serving.candidates`` items: cosine of the user vector
-   (the user tower from the user's history) against every item vector through
-   ``ItemIndex.top_n``: exact (``models.catalog_eval.top_n``, the retrieval the offline catalog
-   evaluation runs, so its metrics measure this path) below ``serving.ann_min_items`` items, the usearch HNSW graph (``serving/ann.py``, recall@100 >= 0.95)
-   above. Items the user already liked
-   are excluded from ``/recommend``. A cold-start user (no positive history) gets the
-   most popular items (smoothed like-rate x log positives, from the store) instead,
-   topped up by the model's cold user vector.
+1. **Retrieve** ``serving.candidates`` items: cosine of the user vector (the user tower from the
+   user's history) against every item vector through ``ItemIndex.top_n``: exact
+   (``models.catalog_eval.top_n``, the retrieval the offline catalog evaluation runs, so its metrics
+   measure this path) below ``serving.ann_min_items`` items, the usearch HNSW graph (``serving/ann.py``,
+   recall@100 >= 0.95) above. Items the user already liked are excluded from ``/recommend``. A
+   cold-start user (no positive history) gets the most popular items (smoothed like-rate x log
+   positives, from the store) instead, topped up by the model's cold user vector.
    **Search** retrieves by meaning instead: the cosine of the query's encoder vector with the item
    texts' (``ItemIndex.top_by_text``; models without text vectors fall back to the user tower with
    the query), and orders the re-scored candidates by :func:`standard_fusion` of that relevance and
