@@ -159,8 +159,9 @@ def run(cache: Path = DEFAULT_CACHE, seed: int = 42) -> dict:
         out["train_s"] = round(time.perf_counter() - t0, 1)
         holder = _served(model, catalog, events, Path(tmp) / "serve")
         served, view = holder.current, holder.view
-        text_vecs = model.text_vectors(texts).numpy()
-        text_vecs /= np.linalg.norm(text_vecs, axis=1, keepdims=True) + 1e-12
+        text_ids, text_vecs = model.item_text_vectors(catalog)  # what the served path compares queries with
+        if list(text_ids) != list(ids):
+            raise RuntimeError("the model's text vectors are not in catalog order")
         bm25 = BM25(texts)
         liked = events[events["label"] == 1]["item_id"].astype(str).value_counts()
         pop = np.array([liked.get(i, 0) for i in ids], dtype=np.float64)
@@ -175,8 +176,7 @@ def run(cache: Path = DEFAULT_CACHE, seed: int = 42) -> dict:
         for name, queries in sets.items():
             rows = []
             for genre, q, relevant in queries:
-                qv = model.text_vectors([q], queries=True).numpy().reshape(-1)
-                qv = qv / (np.linalg.norm(qv) + 1e-12)
+                qv = model.query_vector(q)
                 r = ranking.search(served, view.data, settings, q, None, K, np.random.default_rng(0))
                 lists = {"served": [it["item_id"] for it in r.items],
                          "minilm_cosine": top_ids(text_vecs @ qv, ids),

@@ -258,6 +258,8 @@ def standard_fusion(relevance: np.ndarray, probability: np.ndarray) -> np.ndarra
 
 
 def _z(x: np.ndarray) -> np.ndarray:
+    if x.size == 0:
+        return x
     sd = x.std()
     return (x - x.mean()) / sd if sd > 1e-12 else np.zeros_like(x)
 
@@ -267,19 +269,16 @@ def search(served: Served, data: StoreData, settings, query: str, user_id: str |
     s = settings.serving
     index = served.index
     scorer = _Scorer(served, data, user_id, query)
-    if index.text_vectors is not None and hasattr(served.model, "query_vector"):
-        # relevance by meaning (the encoder's query vs item texts), then the model's like-probability
-        # for this user; the order fuses the two ranks
+    by_text = index.text_vectors is not None and hasattr(served.model, "query_vector")
+    if by_text:  # relevance by meaning: the encoder's query vector against the item texts'
         cand_rows, rel = index.top_by_text(served.model.query_vector(query), s.candidates)
         n_cand = len(cand_rows)
         cand_rows = cand_rows[: max(int(s.rescore), 0)]
-        scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
-        fused = standard_fusion(rel[: len(cand_rows)], scores)
-        picked = _order(fused, index.vectors[cand_rows], k, s.mmr_lambda)
     else:  # models without text vectors: the user tower with the query retrieves
         cand_rows, n_cand = index.retrieve_for_rescore(scorer.user_vector(), s.candidates, s.rescore)
-        scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
-        picked = _order(scores, index.vectors[cand_rows], k, s.mmr_lambda)
+    scores = scorer.score([str(index.item_ids[r]) for r in cand_rows])
+    order_by = standard_fusion(rel[: len(cand_rows)], scores) if by_text else scores
+    picked = _order(order_by, index.vectors[cand_rows], k, s.mmr_lambda)
     qwords = _words(query)
     items = []
     for rank, j in enumerate(picked, start=1):

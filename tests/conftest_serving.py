@@ -81,10 +81,10 @@ class TextSearchRecommender(TextHashRecommender):
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        self.text_vector_calls = 0
+        self.text_vector_rows = 0  # how many item texts were asked for (reuse on a rebuild asks for fewer)
 
     def item_text_vectors(self, catalog: pd.DataFrame):
-        self.text_vector_calls += 1
+        self.text_vector_rows += len(catalog)
         return self.item_vectors(catalog)
 
     def query_vector(self, query: str) -> np.ndarray:

@@ -163,6 +163,7 @@ def test_search_fusion_keeps_a_clear_match_first_and_lets_the_model_order_the_re
         list(1 + np.argsort(-prob[1:], kind="stable"))
     assert np.argsort(-standard_fusion(rel, np.full(50, 0.5)))[0] == 0
     assert np.all(standard_fusion(np.ones(3), np.full(3, 0.5)) == 0)  # nothing to separate
+    assert standard_fusion(np.empty(0), np.empty(0)).shape == (0,)  # no candidates: nothing to order
     with pytest.raises(ValueError, match="shape"):
         standard_fusion(rel, prob[:3])
 
@@ -176,7 +177,9 @@ def test_index_keeps_text_vectors_and_reuses_them(world):
     rows, sims = idx.top_by_text(model.query_vector("saxophone bebop"), 3)
     assert idx.item_ids[rows[0]].startswith("jaz") and np.all(np.diff(sims) <= 1e-6)
     cat2 = pd.concat([cat, cat.iloc[[0]].assign(item_id="fresh", title="Trumpet galaxy")], ignore_index=True)
+    asked = model.text_vector_rows
     idx2 = ItemIndex.build(model, cat2, previous=idx)
+    assert model.text_vector_rows - asked == 1  # only the new item's text; the others are reused
     assert idx2.row["fresh"] == len(cat) and idx2.text_vectors.shape[0] == len(cat2)
     np.testing.assert_allclose(idx2.text_vectors[idx2.row["jaz0"]], idx.text_vectors[idx.row["jaz0"]])
     assert ItemIndex.build(TextHashRecommender(), cat).text_vectors is None  # a model without them
