@@ -21,12 +21,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	@mkdir -p "$(PREFECT_HOME)"   # Prefect creates its home without parents (a warning on a fresh clone)
 	$(VENV)/bin/recloop demo
 
 test: $(STAMP)
+	@mkdir -p "$(PREFECT_HOME)"
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
+	@mkdir -p "$(PREFECT_HOME)"
 	$(PY) -m pytest -q -m "slow or not slow"
 
 docs: $(STAMP)

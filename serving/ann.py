@@ -17,7 +17,8 @@ How a search stays correct and deterministic:
 * exclusions (items the user already liked) are honoured by over-fetching ``n + len(exclude)``
   and filtering (the Python API has no filtered search);
 * the candidates are re-scored with the exact float32 vectors and ordered like the exact path
-  (similarity descending, ties: lower row first), so only *which* items come back is approximate.
+  (similarity descending, ties: lower row first), so only *which* items come back is approximate
+  (search's text graph keeps no other copy: its similarities are the graph's own, from float16).
 
 Persistence: :meth:`AnnIndex.save` writes ``<dir>/<key>.usearch`` (usearch's format) plus
 ``<key>.meta.json`` and ``<key>.items.npy`` (the item keys and text hashes it holds, plain uint64
@@ -193,8 +194,10 @@ class AnnIndex:
                ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows and exact cosine similarities of (about) the ``n`` items nearest to ``query``, best first.
 
-        ``vectors``: the bound catalog's float32 vectors (re-scoring). ``ef``: search breadth (default
-        ``params.ef_search``; always at least the number of results fetched)."""
+        ``vectors``: the bound catalog's vectors (re-scoring), or None to take the similarities the graph
+        computed on its own copy (``params.dtype``; no second copy in memory, within ~1e-3 of the float32
+        cosine). ``ef``: search breadth (default ``params.ef_search``; always at least the number of results
+        fetched)."""
         n = min(int(n), len(self.graph))
         if n <= 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
@@ -206,12 +209,27 @@ class AnnIndex:
             self.graph.expansion_search = int(ef)  # params.ef_search (usearch searches max(ef, count) wide)
         m = self.graph.search(q, count, threads=1)
         rows = self.rows_for(np.asarray(m.keys, dtype=np.uint64))
-        rows = rows[rows >= 0]
+        keep = rows >= 0
         if excl is not None:
-            rows = rows[~np.isin(rows, excl)]
-        sims = vectors[rows] @ q
+            keep &= ~np.isin(rows, excl)
+        rows = rows[keep]
+        if vectors is not None:
+            sims = vectors[rows] @ q
+        else:  # metric "ip": distance = 1 - inner product
+            sims = (1.0 - np.asarray(m.distances, dtype=np.float32)[keep]).astype(np.float32)
         order = np.lexsort((rows, -sims))[:n]  # similarity descending, ties: lower row first (as exact)
         return rows[order].astype(np.int64), sims[order]
+
+    def stored(self, keys: np.ndarray) -> np.ndarray:
+        """The graph's own copy of the vectors of ``keys`` (all in the graph), float32 [len(keys), ndim]."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        if not len(keys):
+            return np.empty((0, int(self.graph.ndim)), dtype=np.float32)
+        got = self.graph.get(keys, dtype=np.float32)  # a tuple of rows (None for a key not in the graph)
+        got = list(got) if isinstance(got, tuple) else [got] if np.ndim(got) == 1 else list(got)
+        if any(v is None for v in got):
+            raise KeyError(f"{sum(v is None for v in got)} of {len(keys)} keys are not in the graph")
+        return np.stack(got).astype(np.float32, copy=False).reshape(len(keys), -1)
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory: Path, key: str, prefix: str, keep: int = 2) -> Path:

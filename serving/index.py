@@ -46,10 +46,11 @@ class ItemIndex:
     build_seconds: float = 0.0
     n_encoded: int = 0  # how many vectors the last build had to compute
     ann: AnnIndex | None = field(default=None, repr=False)  # None: exact retrieval
-    # [n, text_dim], L2-normalised encoder vectors of the item texts (search relevance,
-    # ``Recommender.item_text_vectors``): float32, float16 once a graph serves them; None for models without them
+    # [n, text_dim] float32, L2-normalised encoder vectors of the item texts (search relevance,
+    # ``Recommender.item_text_vectors``); None for models without them, and once a graph holds them (text_ann)
     text_vectors: np.ndarray | None = field(default=None, repr=False)
-    text_ann: AnnIndex | None = field(default=None, repr=False)  # the HNSW graph over text_vectors (large catalogs)
+    # the HNSW graph over the text vectors (large catalogs): its own float16 copy is the only one kept
+    text_ann: AnnIndex | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -58,14 +59,25 @@ class ItemIndex:
     def dim(self) -> int:
         return int(self.vectors.shape[1]) if self.vectors.ndim == 2 else 0
 
+    @property
+    def searchable(self) -> bool:
+        """Whether search by meaning works (:meth:`top_by_text`): the model gave text vectors."""
+        return self.text_vectors is not None or self.text_ann is not None
+
+    @property
+    def text_dim(self) -> int:
+        if self.text_ann is not None:
+            return int(self.text_ann.graph.ndim)
+        return int(self.text_vectors.shape[1]) if self.text_vectors is not None else 0
+
     def top_by_text(self, query_vector: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and cosines of the ``n`` items whose text is closest in meaning to a search query
         (``Recommender.query_vector``), best first: exact (one matrix-vector product) below
         ``serving.ann_min_items`` items, through its own HNSW graph above (:meth:`with_ann`)."""
-        if self.text_vectors is None:
+        if not self.searchable:
             raise ValueError("this index has no text vectors (the model does not provide them)")
-        if self.text_ann is not None:
-            return self.text_ann.search(self.text_vectors, query_vector, n)
+        if self.text_ann is not None:  # similarities from the graph's own copy of the vectors
+            return self.text_ann.search(None, query_vector, n)
         from models.catalog_eval import top_n
 
         return top_n(self.text_vectors, np.asarray(query_vector, dtype=np.float32), n)
@@ -129,8 +141,9 @@ class ItemIndex:
             built.append(ann.bind(keys))
         if len(built) == 1:
             return replace(self, ann=built[0], text_ann=None)
-        # behind a graph the text vectors only re-score the graph's hits: float16 halves their memory
-        return replace(self, ann=built[0], text_ann=built[1], text_vectors=self.text_vectors.astype(np.float16))
+        # behind a graph the text vectors only score its hits and seed a refresh: the graph's own float16 copy
+        # serves both (its distances; AnnIndex.stored), so the index keeps none (768 MB less at 1M x 384 dims)
+        return replace(self, ann=built[0], text_ann=built[1], text_vectors=None)
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod
@@ -148,9 +161,12 @@ class ItemIndex:
                                       previous and (previous.item_ids, previous.hashes, previous.vectors))
         texts = None
         if hasattr(model, "item_text_vectors"):
-            old = previous is not None and previous.text_vectors is not None
-            texts, _ = _vectors(model.item_text_vectors, ids, hashes, catalog, chunk,
-                                old and (previous.item_ids, previous.hashes, previous.text_vectors))
+            old = None
+            if previous is not None and previous.text_vectors is not None:
+                old = (previous.item_ids, previous.hashes, previous.text_vectors)
+            elif previous is not None and previous.text_ann is not None:  # the graph holds them (as float16)
+                old = (previous.item_ids, previous.hashes, _GraphRows(previous.text_ann, previous.item_ids))
+            texts, _ = _vectors(model.item_text_vectors, ids, hashes, catalog, chunk, old)
         return cls(item_ids=ids, vectors=vectors, hashes=hashes,
                    row={iid: j for j, iid in enumerate(ids)}, build_seconds=time.perf_counter() - t0,
                    n_encoded=n_encoded, text_vectors=texts)
@@ -188,33 +204,52 @@ def _graph(vectors: np.ndarray, keys: np.ndarray, hashes: np.ndarray, params: An
     return ann
 
 
+class _GraphRows:
+    """Row access to the vectors an HNSW graph holds for an index's items: ``rows[ks]`` -> float32 [len(ks), d]
+    (the refresh's reuse when the index kept no copy of its own)."""
+
+    def __init__(self, ann: AnnIndex, item_ids: np.ndarray):
+        self.ann, self.keys = ann, item_keys(item_ids)
+        self.shape = (len(self.keys), int(ann.graph.ndim))
+
+    def __getitem__(self, ks) -> np.ndarray:
+        keys = self.keys[np.asarray(ks, dtype=np.int64)]
+        return np.concatenate([self.ann.stored(keys[s:s + 65_536]) for s in range(0, len(keys), 65_536)]
+                              or [np.empty((0, self.shape[1]), dtype=np.float32)])
+
+
 def _vectors(compute, ids: np.ndarray, hashes: np.ndarray, catalog: pd.DataFrame, chunk: int,
              previous) -> tuple[np.ndarray, int]:
     """(unit vectors [n, d] aligned with ``ids``, how many were computed): rows of ``previous`` (item_ids,
-    hashes, vectors) whose text hash matches are reused, the rest come from ``compute(catalog rows)``."""
-    vec_of: dict[str, np.ndarray] = {}
-    dim = None
+    hashes, vectors: an array or :class:`_GraphRows`) whose text hash matches are reused, the rest come from
+    ``compute(catalog rows)``."""
+    vectors = None
+    reused = np.zeros(len(ids), dtype=bool)
     if previous:
         s_ids, s_hash, s_vec = previous
-        dim = s_vec.shape[1]
         lookup = {str(i): k for k, i in enumerate(s_ids)}
-        for iid, h in zip(ids, hashes):
-            k = lookup.get(iid)
-            if k is not None and s_hash[k] == h:
-                vec_of[iid] = s_vec[k]
-    missing = [j for j, iid in enumerate(ids) if iid not in vec_of]
+        at = np.fromiter((lookup.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
+        reused = at >= 0
+        reused[reused] = np.asarray(s_hash, dtype=np.uint64)[at[reused]] == np.asarray(hashes)[reused]
+        vectors = np.zeros((len(ids), s_vec.shape[1]), dtype=np.float32)
+        if reused.any():
+            vectors[reused] = s_vec[at[reused]]
+    missing = np.flatnonzero(~reused)
     for start in range(0, len(missing), chunk):
         sel = missing[start:start + chunk]
         out_ids, vecs = compute(catalog.iloc[sel].reset_index(drop=True))
         vecs = unit_rows(vecs)
-        dim = vecs.shape[1]
+        if vectors is None or (vectors.shape[1] != vecs.shape[1] and not reused.any()):
+            vectors = np.zeros((len(ids), vecs.shape[1]), dtype=np.float32)
+        elif vectors.shape[1] != vecs.shape[1]:
+            raise ValueError(f"the model gives {vecs.shape[1]}-d vectors, the previous index {vectors.shape[1]}-d")
+        row_of = {ids[j]: j for j in sel}
         for iid, v in zip(out_ids, vecs):
-            vec_of[str(iid)] = v
-    vectors = np.zeros((len(ids), dim or 0), dtype=np.float32)
-    for j, iid in enumerate(ids):
-        v = vec_of.get(iid)
-        if v is not None:
-            vectors[j] = v
+            j = row_of.get(str(iid))
+            if j is not None:
+                vectors[j] = v
+    if vectors is None:
+        vectors = np.zeros((len(ids), 0), dtype=np.float32)
     return np.ascontiguousarray(vectors), len(missing)
 
 

@@ -240,8 +240,8 @@ class RegistryModelSource:
 def _retrieval_info(index: ItemIndex) -> dict:
     """How the served index retrieves (``GET /model`` details)."""
     ann = index.ann
-    search = None if index.text_vectors is None else \
-        {"kind": "exact" if index.text_ann is None else "ann", "dim": int(index.text_vectors.shape[1])}
+    search = None if not index.searchable else \
+        {"kind": "exact" if index.text_ann is None else "ann", "dim": index.text_dim}
     if index.text_ann is not None:
         search.update(graph=index.text_ann.how, graph_seconds=round(index.text_ann.build_seconds, 3),
                       memory_bytes=int(getattr(index.text_ann.graph, "memory_usage", 0) or 0))

@@ -269,7 +269,7 @@ def search(served: Served, data: StoreData, settings, query: str, user_id: str |
     s = settings.serving
     index = served.index
     scorer = _Scorer(served, data, user_id, query)
-    by_text = index.text_vectors is not None and hasattr(served.model, "query_vector")
+    by_text = index.searchable and hasattr(served.model, "query_vector")
     if by_text:  # relevance by meaning: the encoder's query vector against the item texts'
         cand_rows, rel = index.top_by_text(served.model.query_vector(query), s.candidates)
         n_cand = len(cand_rows)

@@ -292,7 +292,10 @@ def test_registry_graphs_live_next_to_the_versions_local_cache(tmp_path):
 class _SearchModel(_VectorModel):
     """Also search vectors (``item_text_vectors``, another space: the catalog's ``tvec`` column, 64 dims)."""
 
+    text_rows = 0  # how many item texts it was asked to encode
+
     def item_text_vectors(self, catalog: pd.DataFrame):
+        self.text_rows += len(catalog)
         return catalog["item_id"].astype(str).to_numpy(dtype=object), np.stack(catalog["tvec"].to_numpy())
 
 
@@ -302,7 +305,8 @@ def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp
     texts = _unit(centres[rng.integers(40, size=N)] + 0.08 * rng.standard_normal((N, 64)))
     ids = [f"item-{j}" for j in range(N)]
     cat = _catalog(data.vectors, ids).assign(tvec=list(texts))
-    holder = _holder(_Source(_SearchModel(), tmp_path), cat)
+    model = _SearchModel()
+    holder = _holder(_Source(model, tmp_path), cat)
     assert holder.poll_once()
     idx = holder.current.index
     assert idx.text_ann is not None and idx.ann is not None and idx.text_ann.graph is not idx.ann.graph
@@ -313,15 +317,26 @@ def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp
     hits = sum(len(set(idx.top_by_text(q, 100)[0].tolist()) & set(np.argsort(-(texts @ q), kind="stable")[:100].tolist()))
                for q in queries)
     assert hits / (100 * len(queries)) >= 0.95
-    second = _holder(_Source(_SearchModel(), tmp_path), cat)  # a restart loads both graphs
+    second_model = _SearchModel()
+    second = _holder(_Source(second_model, tmp_path), cat)  # a restart loads both graphs
     assert second.poll_once()
     assert second.current.index.text_ann.how == "loaded" and second.current.index.ann.how == "loaded"
     new_t = _unit(rng.standard_normal((1, 64)))
     second.view.data = SimpleNamespace(
         catalog=pd.concat([cat, _catalog(data.vectors[:1], ["brand-new"]).assign(tvec=list(new_t))]), catalog_sig=2)
+    asked = second_model.text_rows
     assert second.refresh_data()
     idx2 = second.current.index
     assert idx2.text_ann.how == "updated" and idx2.item_ids[idx2.top_by_text(new_t[0], 1)[0][0]] == "brand-new"
-    # behind the graph the text vectors are kept as float16 (they only re-score its hits)
-    assert idx.text_vectors.dtype == np.float16 and idx.vectors.dtype == np.float32
+    assert second_model.text_rows - asked == 1  # the refresh encodes only the new text; the rest come from the graph
+    # behind the graph the index keeps no copy of the text vectors: the graph's own float16 copy re-scores its hits
+    assert idx.text_vectors is None and idx2.text_vectors is None and idx.vectors.dtype == np.float32
+    assert idx.searchable and idx.text_dim == 64
     np.testing.assert_allclose(idx.top_by_text(queries[0], 5)[1], np.sort(texts @ queries[0])[::-1][:5], atol=2e-3)
+    rows = idx.top_by_text(queries[1], 20)[0]  # the graph's copy is the catalog's vectors, row for row
+    np.testing.assert_allclose(idx.text_ann.stored(idx.text_ann.keys[:0]).shape, (0, 64))
+    from serving.ann import item_keys
+
+    np.testing.assert_allclose(idx.text_ann.stored(item_keys(idx.item_ids[rows])), texts[rows], atol=1e-3)
+    with pytest.raises(KeyError, match="not in the graph"):
+        idx.text_ann.stored(np.array([12345], dtype=np.uint64))
