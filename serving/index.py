@@ -213,9 +213,7 @@ class _GraphRows:
         self.shape = (len(self.keys), int(ann.graph.ndim))
 
     def __getitem__(self, ks) -> np.ndarray:
-        keys = self.keys[np.asarray(ks, dtype=np.int64)]
-        return np.concatenate([self.ann.stored(keys[s:s + 65_536]) for s in range(0, len(keys), 65_536)]
-                              or [np.empty((0, self.shape[1]), dtype=np.float32)])
+        return self.ann.stored(self.keys[np.asarray(ks, dtype=np.int64)])
 
 
 def _vectors(compute, ids: np.ndarray, hashes: np.ndarray, catalog: pd.DataFrame, chunk: int,
@@ -232,8 +230,10 @@ def _vectors(compute, ids: np.ndarray, hashes: np.ndarray, catalog: pd.DataFrame
         reused = at >= 0
         reused[reused] = np.asarray(s_hash, dtype=np.uint64)[at[reused]] == np.asarray(hashes)[reused]
         vectors = np.zeros((len(ids), s_vec.shape[1]), dtype=np.float32)
-        if reused.any():
-            vectors[reused] = s_vec[at[reused]]
+        rows = np.flatnonzero(reused)
+        for start in range(0, len(rows), 65_536):  # in slices: no second full-size copy in flight
+            sel = rows[start:start + 65_536]
+            vectors[sel] = s_vec[at[sel]]
     missing = np.flatnonzero(~reused)
     for start in range(0, len(missing), chunk):
         sel = missing[start:start + chunk]
