@@ -192,7 +192,7 @@ class AnnIndex:
     # ---- searching --------------------------------------------------------------------------
     def search(self, vectors: np.ndarray, query: np.ndarray, n: int, exclude: np.ndarray | None = None,
                ef: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and exact cosine similarities of (about) the ``n`` items nearest to ``query``, best first.
+        """Rows and cosine similarities of (about) the ``n`` items nearest to ``query``, best first.
 
         ``vectors``: the bound catalog's vectors (re-scoring), or None to take the similarities the graph
         computed on its own copy (``params.dtype``; no second copy in memory, within ~1e-3 of the float32

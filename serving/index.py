@@ -66,6 +66,7 @@ class ItemIndex:
 
     @property
     def text_dim(self) -> int:
+        """The dimension of the text vectors (0 without them), whoever holds them."""
         if self.text_ann is not None:
             return int(self.text_ann.graph.ndim)
         return int(self.text_vectors.shape[1]) if self.text_vectors is not None else 0
