@@ -50,9 +50,8 @@ def run_one(workdir: Path, source: str) -> dict:
     n = len(ann.keys)
     ids = np.array([f"i{j}" for j in range(n)], dtype=object)
     hashes = np.arange(n, dtype=np.uint64)
-    if source == "graph":  # the graph's keys stand for the items (no catalog needed)
-        previous = object.__new__(ix._GraphRows)
-        previous.ann, previous.keys, previous.shape = ann, ann.keys, (n, int(ann.graph.ndim))
+    if source == "graph":  # the graph's keys, in its own order, stand for the catalog's items
+        previous = ix._GraphRows(ann.bind(ann.keys), n)
     else:
         previous = np.concatenate([ann.stored(ann.keys[s:s + 65_536]) for s in range(0, n, 65_536)]).astype(np.float16)
     before = _peak_mib()

@@ -133,6 +133,7 @@ class AnnIndex:
     n_removed: int = 0
     _sorted_keys: np.ndarray = field(default=None, repr=False)
     _sorted_rows: np.ndarray = field(default=None, repr=False)
+    _row_keys: np.ndarray = field(default=None, repr=False)  # the bound catalog's keys, in row order
 
     def __len__(self) -> int:
         return len(self.graph)
@@ -175,6 +176,7 @@ class AnnIndex:
     def bind(self, keys_in_row_order: np.ndarray) -> AnnIndex:
         """Remember which row each key is (``keys_in_row_order[row]``) for :meth:`search`."""
         keys_in_row_order = np.asarray(keys_in_row_order, dtype=np.uint64)
+        self._row_keys = keys_in_row_order
         order = np.argsort(keys_in_row_order, kind="stable")
         self._sorted_keys = keys_in_row_order[order]
         self._sorted_rows = order.astype(np.int64)
@@ -230,6 +232,12 @@ class AnnIndex:
         if any(v is None for v in got):
             raise KeyError(f"{sum(v is None for v in got)} of {len(keys)} keys are not in the graph")
         return np.stack(got).astype(np.float32, copy=False).reshape(len(keys), -1)
+
+    def stored_rows(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`stored` for rows of the bound catalog (:meth:`bind`)."""
+        if self._row_keys is None:
+            raise ValueError("the graph is not bound to a catalog")
+        return self.stored(self._row_keys[np.asarray(rows, dtype=np.int64)])
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory: Path, key: str, prefix: str, keep: int = 2) -> Path:

@@ -166,7 +166,7 @@ class ItemIndex:
             if previous is not None and previous.text_vectors is not None:
                 old = (previous.item_ids, previous.hashes, previous.text_vectors)
             elif previous is not None and previous.text_ann is not None:  # the graph holds them (as float16)
-                old = (previous.item_ids, previous.hashes, _GraphRows(previous.text_ann, previous.item_ids))
+                old = (previous.item_ids, previous.hashes, _GraphRows(previous.text_ann, len(previous)))
             texts, _ = _vectors(model.item_text_vectors, ids, hashes, catalog, chunk, old)
         return cls(item_ids=ids, vectors=vectors, hashes=hashes,
                    row={iid: j for j, iid in enumerate(ids)}, build_seconds=time.perf_counter() - t0,
@@ -206,15 +206,14 @@ def _graph(vectors: np.ndarray, keys: np.ndarray, hashes: np.ndarray, params: An
 
 
 class _GraphRows:
-    """Row access to the vectors an HNSW graph holds for an index's items: ``rows[ks]`` -> float32 [len(ks), d]
-    (the refresh's reuse when the index kept no copy of its own)."""
+    """Row access to the vectors a bound HNSW graph holds for its index's items: ``rows[ks]`` -> float32
+    [len(ks), d] (the refresh's reuse when the index kept no copy of its own)."""
 
-    def __init__(self, ann: AnnIndex, item_ids: np.ndarray):
-        self.ann, self.keys = ann, item_keys(item_ids)
-        self.shape = (len(self.keys), int(ann.graph.ndim))
+    def __init__(self, ann: AnnIndex, n: int):
+        self.ann, self.shape = ann, (int(n), int(ann.graph.ndim))
 
     def __getitem__(self, ks) -> np.ndarray:
-        return self.ann.stored(self.keys[np.asarray(ks, dtype=np.int64)])
+        return self.ann.stored_rows(ks)
 
 
 def _vectors(compute, ids: np.ndarray, hashes: np.ndarray, catalog: pd.DataFrame, chunk: int,

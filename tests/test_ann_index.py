@@ -334,9 +334,21 @@ def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp
     assert idx.searchable and idx.text_dim == 64
     np.testing.assert_allclose(idx.top_by_text(queries[0], 5)[1], np.sort(texts @ queries[0])[::-1][:5], atol=2e-3)
     rows = idx.top_by_text(queries[1], 20)[0]  # the graph's copy is the catalog's vectors, row for row
-    np.testing.assert_allclose(idx.text_ann.stored(idx.text_ann.keys[:0]).shape, (0, 64))
-    from serving.ann import item_keys
-
-    np.testing.assert_allclose(idx.text_ann.stored(item_keys(idx.item_ids[rows])), texts[rows], atol=1e-3)
+    assert idx.text_ann.stored(idx.text_ann.keys[:0]).shape == (0, 64)
+    np.testing.assert_allclose(idx.text_ann.stored_rows(rows), texts[rows], atol=1e-3)
     with pytest.raises(KeyError, match="not in the graph"):
         idx.text_ann.stored(np.array([12345], dtype=np.uint64))
+
+
+def test_reused_vectors_of_another_width_are_an_error_not_a_silent_mix():
+    from serving.index import _vectors
+
+    ids = np.array(["a", "b"], dtype=object)
+    hashes = np.array([1, 2], dtype=np.uint64)
+    previous = (ids[:1], hashes[:1], np.ones((1, 8), dtype=np.float32))  # "a" reused (8-d), "b" computed (4-d)
+    with pytest.raises(ValueError, match="4-d vectors, the previous index 8-d"):
+        _vectors(lambda c: (c["item_id"].to_numpy(), np.ones((len(c), 4))), ids, hashes,
+                 pd.DataFrame({"item_id": ids}), 16, previous)
+    got, computed = _vectors(lambda c: (c["item_id"].to_numpy(), np.ones((len(c), 8))), ids, hashes,
+                             pd.DataFrame({"item_id": ids}), 16, previous)
+    assert computed == 1 and got.shape == (2, 8)
