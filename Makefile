@@ -8,6 +8,8 @@ export PREFECT_HOME ?= $(CURDIR)/.recloop/prefect
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# make test runs the fast tier on this many pytest-xdist processes (0: in one process)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all lint bench clean install up docs
 
@@ -26,7 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@mkdir -p "$(PREFECT_HOME)"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-all: $(STAMP)
 	@mkdir -p "$(PREFECT_HOME)"
