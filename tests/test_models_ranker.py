@@ -413,3 +413,34 @@ def test_collaborative_features_do_not_depend_on_the_block_of_rows(trained, worl
         got_scores, got_cf = run()
         np.testing.assert_array_equal(got_scores, scores)
         np.testing.assert_array_equal(got_cf, cf)
+
+
+def test_the_blend_never_weighs_a_tower_score_negatively():
+    """The blend's coefficients are >= 0 (each input is monotone up; a negative weight on the towers'
+    correlated difference does not carry over to the refit towers): here the unbounded fit gives the cosine a
+    negative weight; the blend gives it 0. Where the unbounded fit is non-negative, the two are the same fit."""
+    from sklearn.linear_model import LogisticRegression
+
+    from models.ranker import Ranker, fit_nonnegative_logistic
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    fusion, taste, noise = rng.normal(size=(3, n))
+    tower_logit = taste + 0.3 * noise
+    tower_cos = tower_logit + 0.5 * rng.normal(size=n)  # correlated with the logit, its own part is noise ...
+    y = (fusion + taste - 0.8 * (tower_cos - tower_logit) + rng.logistic(size=n) > 0).astype(int)  # ... disliked
+    z = np.stack([fusion, tower_logit, tower_cos], axis=1)
+    free = LogisticRegression(C=1.0, max_iter=2000).fit((z - z.mean(0)) / z.std(0), y).coef_.ravel()
+    assert free[2] < -0.1  # what the blend used to be: a negative cosine weight
+
+    r = Ranker("logistic", ("f",), mean=np.zeros(1), scale=np.ones(1), coef=np.ones(1))  # base logit = fusion
+    r.fit_blend(fusion[:, None], tower_logit, tower_cos, y)
+    assert np.all(r.blend["coef"] >= 0) and r.blend["coef"][2] == 0.0 and r.blend["coef"][:2].min() > 0.3
+
+    agree = (fusion + 0.5 * tower_logit + 0.5 * tower_cos + rng.logistic(size=n) > 0).astype(int)  # every input helps: the bounds do not bind
+    _, _, coef, intercept = fit_nonnegative_logistic(z, agree)
+    lr = LogisticRegression(C=1.0, max_iter=2000).fit((z - z.mean(0)) / z.std(0), agree)
+    assert np.all(lr.coef_ > 0)
+    np.testing.assert_allclose(coef, lr.coef_.ravel(), atol=5e-3)  # two correlated columns: a flat direction
+    x = (z - z.mean(0)) / z.std(0)
+    np.testing.assert_allclose(x @ coef + intercept, lr.decision_function(x), atol=5e-3)
