@@ -420,7 +420,8 @@ class ModelHolder:
                 return changed
             try:
                 with cur.model_lock:
-                    index = ItemIndex.build(cur.model, data.catalog.reset_index(), previous=cur.index)
+                    index = ItemIndex.build(cur.model, data.catalog.reset_index(), previous=cur.index,
+                                            defer_text_reads=True)  # with_ann reads what it needs
                 index = index.with_ann(AnnParams.from_settings(self.settings), previous=cur.index)
             except Exception as exc:
                 self.last_error = f"re-indexing the catalog failed: {type(exc).__name__}: {exc}"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.ann import AnnParams
+from serving.ann import AnnIndex, AnnParams
 from serving.index import ItemIndex
 
 DIM = 128
@@ -299,7 +299,7 @@ class _SearchModel(_VectorModel):
         return catalog["item_id"].astype(str).to_numpy(dtype=object), np.stack(catalog["tvec"].to_numpy())
 
 
-def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp_path):
+def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
     centres = _unit(rng.standard_normal((40, 64)))
     texts = _unit(centres[rng.integers(40, size=N)] + 0.08 * rng.standard_normal((N, 64)))
@@ -325,10 +325,25 @@ def test_search_vectors_get_their_own_graph_saved_loaded_and_refreshed(data, tmp
     second.view.data = SimpleNamespace(
         catalog=pd.concat([cat, _catalog(data.vectors[:1], ["brand-new"]).assign(tvec=list(new_t))]), catalog_sig=2)
     asked = second_model.text_rows
+    read = []
+    stored = AnnIndex.stored
+    monkeypatch.setattr(AnnIndex, "stored", lambda self, keys: read.append(len(keys)) or stored(self, keys))
     assert second.refresh_data()
     idx2 = second.current.index
     assert idx2.text_ann.how == "updated" and idx2.item_ids[idx2.top_by_text(new_t[0], 1)[0][0]] == "brand-new"
     assert second_model.text_rows - asked == 1  # the refresh encodes only the new text; the rest come from the graph
+    assert sum(read) == 0  # ... and the incremental update needs none of them read back
+    # an exact index (catalog below the threshold) or a rebuild (> 20 % changed) reads them all, row for row
+    both = np.concatenate([texts, new_t])
+    cat2 = second.view.data.catalog.reset_index()  # as serving passes it
+    exact = ItemIndex.build(second_model, cat2, previous=idx2, defer_text_reads=True)
+    exact = exact.with_ann(AnnParams(min_items=10 * N))
+    assert isinstance(exact.text_vectors, np.ndarray) and exact.text_ann is None and sum(read) == N + 1
+    np.testing.assert_allclose(exact.text_vectors, both, atol=1e-3)
+    edited = cat2.assign(title=lambda c: np.where(np.arange(len(c)) < N // 3, "edited", c["title"]))
+    rebuilt = ItemIndex.build(second_model, edited, previous=idx2, defer_text_reads=True).with_ann(PARAMS, previous=idx2)
+    assert rebuilt.text_ann.how == "built" and rebuilt.text_vectors is None
+    np.testing.assert_allclose(rebuilt.text_ann.stored_rows(np.arange(N + 1)), both, atol=1e-3)
     # behind the graph the index keeps no copy of the text vectors: the graph's own float16 copy re-scores its hits
     assert idx.text_vectors is None and idx2.text_vectors is None and idx.vectors.dtype == np.float32
     assert idx.searchable and idx.text_dim == 64
