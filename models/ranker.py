@@ -54,12 +54,10 @@ def fit_nonnegative_logistic(z: np.ndarray, y: np.ndarray, c: float = 1.0) -> tu
     log-losses), bounded, by L-BFGS-B. Where the unbounded optimum is non-negative it is the same fit."""
     from scipy.optimize import minimize
 
-    z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    mean = z.mean(axis=0)
-    sd = z.std(axis=0)
-    scale = np.where(sd > 1e-12, sd, 1.0)
-    x = (z - mean) / scale
+    x, mean, scale = _standardised(z)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):  # L-BFGS-B would stop at its start, silently
+        raise ValueError("the blend's inputs contain NaN or infinite values")
 
     def objective(p):
         w, b = p[:-1], p[-1]
@@ -73,6 +71,15 @@ def fit_nonnegative_logistic(z: np.ndarray, y: np.ndarray, c: float = 1.0) -> tu
     if not np.all(np.isfinite(res.x)):
         raise RuntimeError(f"the non-negative logistic regression did not converge: {res.message}")
     return mean, scale, np.maximum(res.x[:-1], 0.0), float(res.x[-1])
+
+
+def _standardised(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(columns scaled to mean 0 and sd 1, their means, their sds; a constant column keeps scale 1), float64."""
+    z = np.asarray(z, dtype=np.float64)
+    mean = z.mean(axis=0)
+    sd = z.std(axis=0)
+    scale = np.where(sd > 1e-12, sd, 1.0)
+    return (z - mean) / scale, mean, scale
 
 
 def ranker_matrix(logit, cos, wide, cf) -> np.ndarray:
@@ -183,11 +190,8 @@ class Ranker:
     def _fit_logistic(cls, x, y, columns) -> Ranker:
         from sklearn.linear_model import LogisticRegression
 
-        x = x.astype(np.float64)
-        mean = x.mean(axis=0)
-        sd = x.std(axis=0)
-        scale = np.where(sd > 1e-12, sd, 1.0)
-        lr = LogisticRegression(C=1.0, max_iter=2000).fit((x - mean) / scale, y)
+        xs, mean, scale = _standardised(x)
+        lr = LogisticRegression(C=1.0, max_iter=2000).fit(xs, y)
         return cls("logistic", columns, mean=mean, scale=scale, coef=lr.coef_.reshape(-1).astype(np.float64),
                    intercept=float(lr.intercept_[0]), info={"n_rows": len(y)})
 

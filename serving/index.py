@@ -231,7 +231,7 @@ class _PartialRows:
     reads what ``ks`` needs; ``np.asarray(rows)`` makes the whole float32 array, 64k rows at a time."""
 
     def __init__(self, n: int, fresh_rows: np.ndarray, fresh: np.ndarray, old_rows: np.ndarray, graph: _GraphRows):
-        self.shape, self.dtype = (int(n), int(graph.shape[1])), np.dtype(np.float32)
+        self.shape = (int(n), int(graph.shape[1]))
         self._fresh_at = np.full(int(n), -1, dtype=np.int64)
         self._fresh_at[fresh_rows] = np.arange(len(fresh_rows))
         self._fresh, self._old, self._graph = fresh, old_rows, graph

@@ -444,3 +444,7 @@ def test_the_blend_never_weighs_a_tower_score_negatively():
     np.testing.assert_allclose(coef, lr.coef_.ravel(), atol=5e-3)  # two correlated columns: a flat direction
     x = (z - z.mean(0)) / z.std(0)
     np.testing.assert_allclose(x @ coef + intercept, lr.decision_function(x), atol=5e-3)
+    bad = z.copy()
+    bad[5, 1] = np.nan  # a NaN tower score is an error, not a silent all-zero blend
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fit_nonnegative_logistic(bad, agree)
