@@ -28,6 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -335,11 +336,21 @@ class Stack:
             time.sleep(1)
         raise TimeoutError(f"deployments {names} not registered within {timeout:.0f}s")
 
-    def client_settings(self):
-        """Point this process's Prefect client at the stack's server (Prefect reads env vars only at import)."""
+    @contextmanager
+    def client_settings(self, drain_timeout: float = 30.0):
+        """Point this process's Prefect client at the stack's server (Prefect reads env vars only at import).
+
+        Events emitted inside are delivered before the context ends: Prefect keeps one events worker per
+        process, bound to the first server it saw, so leaving drains it. Otherwise it would outlive the
+        stack and send the process's later events (to another server) to this one, which is gone."""
+        from prefect.events.worker import EventsWorker
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        return temporary_settings(updates={PREFECT_API_URL: prefect_api_url(self.settings)})
+        with temporary_settings(updates={PREFECT_API_URL: prefect_api_url(self.settings)}):
+            try:
+                yield
+            finally:
+                EventsWorker.drain_all(timeout=drain_timeout)
 
     def _write_state(self) -> None:
         """Pids in start order; ``stop_signal``/``grace``: how ``recloop down`` stops each cleanly."""

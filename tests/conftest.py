@@ -43,6 +43,24 @@ def permissive_toml(encoder, extra: str = "") -> str:
             "max_group_auc_gap = 1.0\nmax_gap_increase = 1.0\nmin_tail_exposure = 0.0\n")
 
 
+def events_named(name: str, resource_id: str, wait_s: float = 30.0) -> list:
+    """Events of this name about this resource, read back from the Prefect server of the current settings;
+    polls up to ``wait_s`` (the server persists events in batches)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    flt = EventFilter(event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]))
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            events = client.read_events(filter=flt, limit=50).events
+            if events or time.monotonic() > deadline:
+                return events
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one torch thread, restoring the previous setting afterwards."""

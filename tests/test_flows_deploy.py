@@ -9,7 +9,7 @@ from datetime import UTC
 import pytest
 
 from flows.events import DRIFT_DETECTED
-from tests.conftest import permissive_toml
+from tests.conftest import events_named, permissive_toml
 
 
 def test_every_deployment_entrypoint_imports():
@@ -77,27 +77,36 @@ def test_real_server_runs_retrain_when_drift_event_arrives(tmp_path, small_world
         stack.wait_for_deployments()
         from prefect.client.orchestration import get_client
 
-        ctx = stack.client_settings()
-        ctx.__enter__()
+        with stack.client_settings():
+            with get_client(sync_client=True) as client:
+                ingest = client.read_deployment_by_name("ingest/ingest")
+                monitor = client.read_deployment_by_name("monitor/monitor")
+                assert ingest.schedules and ingest.schedules[0].schedule.cron == settings.ingest_cron
+                assert monitor.schedules and monitor.schedules[0].schedule.cron == settings.monitor_cron
+            before = datetime.now(UTC)
+            from flows.events import emit
 
-        with get_client(sync_client=True) as client:
-            ingest = client.read_deployment_by_name("ingest/ingest")
-            monitor = client.read_deployment_by_name("monitor/monitor")
-            assert ingest.schedules and ingest.schedules[0].schedule.cron == settings.ingest_cron
-            assert monitor.schedules and monitor.schedules[0].schedule.cron == settings.monitor_cron
-        before = datetime.now(UTC)
-        from flows.events import emit
+            emit(settings, DRIFT_DETECTED, {"reason": "test_drift", "report_path": ""})
+            run = wait_for_triggered_run("retrain/retrain", before, timeout=300)
+            assert run.state.type.value == "COMPLETED", run.state.message
+            assert run.parameters["reason"] == "test_drift"
+            from models.registry import champion_version
 
-        emit(settings, DRIFT_DETECTED, {"reason": "test_drift", "report_path": ""})
-        run = wait_for_triggered_run("retrain/retrain", before, timeout=300)
-        assert run.state.type.value == "COMPLETED", run.state.message
-        assert run.parameters["reason"] == "test_drift"
-        from models.registry import champion_version
-
-        assert champion_version(settings) == "1"
-        ctx.__exit__(None, None, None)
+            assert champion_version(settings) == "1"
     finally:
         stack.stop()
+
+    # the stack's events worker did not outlive it: a later server in this process receives this process's
+    # events (before, the worker stayed bound to the stopped server and dropped them)
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        sent = emit_event(event="recloop.test.after-stack", resource={"prefect.resource.id": "recloop.test"})
+        assert sent is not None
+        EventsWorker.drain_all()
+        assert [str(e.id) for e in events_named("recloop.test.after-stack", "recloop.test")] == [str(sent.id)]
 
 
 @pytest.mark.slow

@@ -6,11 +6,11 @@ Slow tier (starts a Prefect server): `pytest -m slow tests/test_monitoring_flow.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from recloop.datasets.synthetic import generate
+from tests.conftest import events_named
 from tests.conftest_monitoring import champion_for, make_workspace, now_for, world_config
 
 
@@ -18,24 +18,12 @@ from tests.conftest_monitoring import champion_for, make_workspace, now_for, wor
 def harness(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.events.worker import EventsWorker
     from prefect.testing.utilities import prefect_test_harness
 
+    EventsWorker.drain_all()  # an events worker left by an earlier test would still send to its server
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def _events_named(name: str, resource_id: str, wait_s: float = 30.0) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-    flt = EventFilter(event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]))
-    deadline = time.monotonic() + wait_s
-    with get_client(sync_client=True) as client:
-        while True:
-            events = client.read_events(filter=flt, limit=50).events
-            if events or time.monotonic() > deadline:
-                return events
-            time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -58,7 +46,7 @@ def test_monitor_flow_emits_drift_event_once(tmp_path, harness):
     assert again["event_id"] is None
 
     EventsWorker.drain_all()
-    events = _events_named(DRIFT_DETECTED, f"recloop.workspace.{s.root.name}")
+    events = events_named(DRIFT_DETECTED, f"recloop.workspace.{s.root.name}")
     assert [str(e.id) for e in events] == [doc["event_id"]]
     ev = events[0]
     assert ev.payload["reason"] == "data_drift" and ev.payload["drift_share"] == doc["drift_share"]
