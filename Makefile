@@ -32,7 +32,7 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	@mkdir -p "$(PREFECT_HOME)"
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "slow or not slow"
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d .site
