@@ -350,7 +350,7 @@ class Stack:
             try:
                 yield
             finally:
-                EventsWorker.drain_all(timeout=drain_timeout)
+                EventsWorker.drain_all(timeout=drain_timeout, at_exit=False)
 
     def _write_state(self) -> None:
         """Pids in start order; ``stop_signal``/``grace``: how ``recloop down`` stops each cleanly."""
