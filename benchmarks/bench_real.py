@@ -22,7 +22,10 @@ For each feature lag (default 0 and 600 s) the recommender is trained on the tra
 history* (features from the training period only); beside it the statistics-only logistic
 regression (``models.baselines.StatisticsBaseline``) on the same events. Reports AUC, cold-item
 AUC with a 95 % bootstrap interval, per-group AUC by gender and by age bucket (<25, 25-34,
-35-44, 45+; raw ages from the ``.user`` file) and their gaps, and the seconds.
+35-44, 45+; raw ages from the ``.user`` file) and their gaps, and the seconds. Then the catalog
+ranking as served (``models.catalog_eval``: each test user's top 10 out of the whole catalog from the
+history before the test part, against what they went on to like): NDCG@10, recall@10 and tail share
+of the model and of every baseline, and model - most-popular with a user-bootstrap interval.
 
 Other hooks (not run unless asked): :func:`retrain` (one retrain through the production flow
 on the ingested workspace, ``--retrain``) and :func:`replay` (the policies replayed over the
@@ -215,11 +218,43 @@ def train(cache: Path = DEFAULT_CACHE, lags=(0.0, 600.0), test_events: int = 20_
         ci = paired_bootstrap_auc(y, fresh, base_fresh, samples=500, seed=0,
                                   groups=te["user_id"].astype(str).to_numpy())  # users resampled, as the gate does
         res["delta_vs_statistics_lr_fresh"] = {"delta": ci.estimate, "ci95": [ci.low, ci.high]}
+        res["catalog"] = _catalog_table(settings, model, tr, ev, data.catalog, te, float(lag))
         if gap_days and model.collab is not None:
             res["model_fresh_counts"] = _auc_table(y, _score_with_weekly_counts(model, rows, ev, data.catalog, lag),
                                                    te, users)
         results["lags"][float(lag)] = res
     return results
+
+
+def _catalog_table(settings, model, tr, ev, catalog, te, lag: float) -> dict:
+    """Catalog NDCG@10 / recall@10 / tail exposure over the test part, as served (``models.catalog_eval``):
+    each user's top 10 out of the whole catalog from the history before the test part's start minus the lag,
+    against what they went on to like; the model (serving's retrieve + re-score) and every baseline."""
+    import numpy as np
+    import pandas as pd
+
+    from models.baselines import make_baselines
+    from models.catalog_eval import build_eval_set, evaluate_ranker, model_ranker, ranker_for
+    from models.evaluate import item_popularity
+
+    es = build_eval_set(ev, catalog, te["timestamp"].min(), te["timestamp"].max(), lag=pd.Timedelta(seconds=lag),
+                        max_users=2000, seed=0, popularity=item_popularity(tr))
+    rankers = {"model": model_ranker(model, settings)}
+    for name, b in make_baselines(settings).items():
+        rankers[name] = ranker_for(b.fit(tr, ev, catalog))
+    out = {"n_users": len(es.users), "n_users_with_history": sum(u in es.stats.user_index for u in es.users)}
+    per_user = {}
+    for name, r in rankers.items():
+        e = evaluate_ranker(r, es, 10, per_user=True)
+        per_user[name] = e.per_user["ndcg"].to_numpy()
+        out[name] = {"ndcg_at_10": round(e.ndcg_at_k, 4), "recall_at_10": round(e.recall_at_k, 4),
+                     "tail_exposure": round(e.tail_exposure, 3)}
+    # model - most-popular, users resampled (paired: the same users' lists)
+    d = per_user["model"] - per_user["most-popular"]
+    draws = np.random.default_rng(0).integers(0, len(d), (1000, len(d)))
+    out["model_minus_most_popular_ndcg"] = {"delta": round(float(d.mean()), 4),
+                                            "ci95": [round(float(x), 4) for x in np.percentile(d[draws].mean(1), [2.5, 97.5])]}
+    return out
 
 
 def _score_with_weekly_counts(model, rows, ev, catalog, lag: float):
@@ -358,6 +393,14 @@ def _print_holdout(res: dict) -> None:
         d = r.get("delta_vs_statistics_lr_fresh")
         if d:
             print(f"    model - statistics-lr (fresh): {d['delta']:+.4f}, 95 % user-bootstrap CI "
+                  f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+        cat = r.get("catalog")
+        if cat:
+            print(f"    catalog top-10 over the test part ({cat['n_users']} users, {cat['n_users_with_history']} with "
+                  f"history): " + "; ".join(f"{n} NDCG {v['ndcg_at_10']:.4f} recall {v['recall_at_10']:.4f} tail "
+                                             f"{v['tail_exposure']:.2f}" for n, v in cat.items() if isinstance(v, dict) and "ndcg_at_10" in v))
+            d = cat["model_minus_most_popular_ndcg"]
+            print(f"    catalog NDCG@10 model - most-popular: {d['delta']:+.4f}, 95 % user-bootstrap CI "
                   f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
         rk = r.get("ranker") or {}
         if rk:

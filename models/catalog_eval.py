@@ -31,8 +31,8 @@ Rankers (``top_k(stats, user_id, exclude, k, n_items) -> item positions, best fi
   impressions) topped up by the cold user vector; serving's MMR re-ordering of cold lists is not
   reproduced.
 * :class:`BaselineRanker` (:func:`ranker_for`) - a baseline's ``score_items`` over the whole catalog
-  ("statistics-lr", "fresh-popularity", "popularity", "mf").
-* :class:`PopularityRanker` (event counts in the history) and :class:`RandomRanker`.
+  ("statistics-lr", "fresh-popularity", "most-popular", "popularity", "mf").
+* :class:`PopularityRanker` (event counts in the history, or a given popularity) and :class:`RandomRanker`.
 
 Cost (one core, shared): one ``ServingStats`` build (vectorised: 0.15 s for 30k events, 2.6 s for
 300k), then per user one top-k over the catalog. 400 items: model ranker (tiny test model) ~2.5 ms

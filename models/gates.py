@@ -531,7 +531,7 @@ def decide_promotion(
     ``settings``: a :class:`recloop.settings.Settings` or its ``GateSettings``.
     ``champion``: the champion's evaluation on the same events (``None``: no champion yet).
     ``baselines``: name → evaluation of each baseline on the same events (e.g.
-    ``"statistics-lr"``, ``"fresh-popularity"``, ``"popularity"``, ``"mf"``).
+    ``"statistics-lr"``, ``"fresh-popularity"``, ``"most-popular"``, ``"popularity"``, ``"mf"``).
     ``champion_version`` defaults to ``champion.model_version``. Every evaluation must carry
     ``scored`` (``event_id``, ``user_id``, ``label``, ``score``, ``group:<col>``).
     """

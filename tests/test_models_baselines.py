@@ -14,6 +14,7 @@ from models.baselines import (
     Baseline,
     FreshPopularityBaseline,
     MatrixFactorizationBaseline,
+    MostPopularBaseline,
     PopularityBaseline,
     StatisticsBaseline,
     make_baselines,
@@ -76,7 +77,8 @@ def _timed_world(seed: int = 0, n_users: int = 8, n_items: int = 12, n_events: i
     return ev, cat
 
 
-@pytest.mark.parametrize("make", [lambda lag: StatisticsBaseline(lag=lag), lambda lag: FreshPopularityBaseline(lag=lag)])
+@pytest.mark.parametrize("make", [lambda lag: StatisticsBaseline(lag=lag), lambda lag: FreshPopularityBaseline(lag=lag),
+                                  lambda lag: MostPopularBaseline(lag=lag)])
 @pytest.mark.parametrize("lag", [None, pd.Timedelta(hours=6)])
 def test_fresh_baselines_score_point_in_time(make, lag):
     """A row never sees its own label, later events, or (with a lag) events younger than the lag."""
@@ -115,6 +117,29 @@ def test_fresh_popularity_is_the_smoothed_item_rate_before_the_row():
     prior = ev.iloc[:200]["label"].mean()
     expected = (before["label"].sum() + SMOOTHING * prior) / (len(before) + SMOOTHING)
     assert b.score(row, ev, cat)[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_most_popular_counts_the_items_events_before_the_row_whatever_their_labels():
+    ev, cat = _timed_world(4)
+    b = MostPopularBaseline().fit(ev.iloc[:200], ev, cat)
+    rows = ev.iloc[300:320]
+    got = b.score(rows, ev, cat)
+    n = np.array([((ev["timestamp"] < t) & (ev["item_id"] == i)).sum() for t, i in zip(rows["timestamp"], rows["item_id"])])
+    np.testing.assert_allclose(got, n / (n + SMOOTHING), rtol=1e-5)
+    flipped = ev.assign(label=1 - ev["label"])  # MostPop reads interactions, not likes
+    np.testing.assert_allclose(b.score(rows, flipped, cat), got, rtol=1e-12)
+    # the catalog ranking "as of now": events per item in the snapshot (unknown items: 0), best first
+    from models.features import ServingStats
+
+    stats = ServingStats.build(ev, cat)
+    items = cat["item_id"].tolist() + ["unknown-item"]
+    counts = ev["item_id"].value_counts().reindex(items).fillna(0).to_numpy()
+    np.testing.assert_array_equal(b.score_items(stats, None, items), counts)
+    np.testing.assert_array_equal(b.score_items(stats, None, np.arange(len(cat))), counts[:-1])
+    with pytest.raises(RuntimeError, match="fit"):
+        MostPopularBaseline().score(rows, ev, cat)
+    with pytest.raises(ValueError, match="no events"):
+        MostPopularBaseline().fit(ev.iloc[:0])
 
 
 def test_score_items_equals_score_on_rows_without_a_time():

@@ -146,7 +146,7 @@ def test_baselines_are_scored_per_batch_and_compared_on_the_champions_batches(se
     cut = ev["timestamp"].iloc[int(len(ev) * 0.8)]
     history, batch = ev[ev["timestamp"] < cut], ev[ev["timestamp"] >= cut]
     aucs = baseline_aucs(settings, batch, history, small_world.catalog, out=tmp_path / "b.parquet")
-    assert set(aucs) == {"statistics-lr", "fresh-popularity", "popularity", "mf"}
+    assert set(aucs) == {"statistics-lr", "fresh-popularity", "most-popular", "popularity", "mf"}
     kept = pd.read_parquet(tmp_path / "b.parquet")  # the per-event scores behind each AUC
     assert len(kept) == len(batch) and all(auc(kept["label"], kept[n]) == pytest.approx(a) for n, a in aucs.items())
     assert aucs["statistics-lr"] > 0.55  # the statistics carry signal on this world: a real, fitted baseline
