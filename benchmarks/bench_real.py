@@ -247,8 +247,11 @@ def _catalog_table(settings, model, tr, ev, catalog, te, lag: float) -> dict:
     for name, r in rankers.items():
         e = evaluate_ranker(r, es, 10, per_user=True)
         per_user[name] = e.per_user["ndcg"].to_numpy()
+        cold = (e.per_user["n_seen"] == 0).to_numpy()  # no event before the test part: serving's cold-start list
         out[name] = {"ndcg_at_10": round(e.ndcg_at_k, 4), "recall_at_10": round(e.recall_at_k, 4),
-                     "tail_exposure": round(e.tail_exposure, 3)}
+                     "tail_exposure": round(e.tail_exposure, 3),
+                     "ndcg_at_10_new_users": round(float(per_user[name][cold].mean()), 4) if cold.any() else None,
+                     "ndcg_at_10_known_users": round(float(per_user[name][~cold].mean()), 4) if (~cold).any() else None}
     # model - most-popular, users resampled (paired: the same users' lists)
     d = per_user["model"] - per_user["most-popular"]
     draws = np.random.default_rng(0).integers(0, len(d), (1000, len(d)))
@@ -399,6 +402,9 @@ def _print_holdout(res: dict) -> None:
             print(f"    catalog top-10 over the test part ({cat['n_users']} users, {cat['n_users_with_history']} with "
                   f"history): " + "; ".join(f"{n} NDCG {v['ndcg_at_10']:.4f} recall {v['recall_at_10']:.4f} tail "
                                              f"{v['tail_exposure']:.2f}" for n, v in cat.items() if isinstance(v, dict) and "ndcg_at_10" in v))
+            print("    catalog NDCG@10 new users / users with history: " + "; ".join(
+                f"{n} {v['ndcg_at_10_new_users']} / {v['ndcg_at_10_known_users']}" for n, v in cat.items()
+                if isinstance(v, dict) and "ndcg_at_10" in v))
             d = cat["model_minus_most_popular_ndcg"]
             print(f"    catalog NDCG@10 model - most-popular: {d['delta']:+.4f}, 95 % user-bootstrap CI "
                   f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
