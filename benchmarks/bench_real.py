@@ -208,6 +208,7 @@ def train(cache: Path = DEFAULT_CACHE, lags=(0.0, 600.0), test_events: int = 20_
         base = StatisticsBaseline(lag=pd.Timedelta(seconds=float(lag))).fit(tr, ev, data.catalog)
         y, base_fresh = te["label"].to_numpy(), base.score(rows, ev, data.catalog)
         res = {"train_s": round(t_train, 1), "train_eval_s": round(t_train + t_eval, 1),
+               "cold_start_order": model.config.get("cold_start_order"),
                "timings": {k: round(v, 1) for k, v in trained.timings.items()}, "ranker": trained.ranker,
                "model_fresh": _auc_table(y, fresh, te, users),
                "model_train_history": _auc_table(y, past, te, users),
@@ -416,6 +417,8 @@ def _print_holdout(res: dict) -> None:
                   f" fusion {rk.get('val_auc_fusion', float('nan')):.4f} blend {rk.get('val_auc_blend', float('nan')):.4f}")
             imp = sorted((rk.get("importance") or {}).items(), key=lambda kv: -kv[1])
             print("    fusion importance (gain share): " + ", ".join(f"{k} {v:.3f}" for k, v in imp))
+            if rk.get("cold_start"):
+                print(f"    cold-start order: {r.get('cold_start_order')} ({rk['cold_start'].get('reason')})")
 
 
 def retrain(workspace: Path, reason: str = "bench_real", **settings_overrides) -> dict:

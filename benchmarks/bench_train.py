@@ -132,6 +132,7 @@ def run_once(args) -> dict:
         "test": {name: {k: r[k] for k in ("auc", "cold_item_auc", "ndcg_at_k", "recall_at_k")} for name, r in m.items()},
         "n_cold_test_events": next(iter(m.values()))["n_cold_events"],
         "decision": _decision_summary(out["decision"]), "ranker": trained.ranker,
+        "cold_start_order": trained.model.config.get("cold_start_order"),
     }
 
 
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
               f"blended with the towers on {rk.get('blend_rows')} validation rows; validation AUC towers "
               f"{rk.get('val_auc_towers', float('nan')):.4f}, fusion {rk.get('val_auc_fusion', float('nan')):.4f}, "
               f"blend {rk.get('val_auc_blend', float('nan')):.4f}")
+        if rk.get("cold_start"):
+            print(f"  cold-start order: {r.get('cold_start_order')} ({rk['cold_start'].get('reason')})")
     md = summary["median"]
     print("  per run: wall " + ", ".join(f"{x['wall_train_eval_s']:.1f}s" for x in runs)
           + "; examples/s " + ", ".join(f"{x['examples_per_s']:.0f}" for x in runs))

@@ -28,7 +28,8 @@ Rankers (``top_k(stats, user_id, exclude, k, n_items) -> item positions, best fi
   retrieves with), the best ``rescore`` of them re-scored by ``Recommender.score_items`` and
   ordered by that probability. Cold users (no positive in the history) start, as in serving, from
   the popular items (smoothed like-rate x log positives; exposure here = events, serving uses
-  impressions) topped up by the cold user vector; serving's MMR re-ordering of cold lists is not
+  impressions) topped up by the cold user vector, re-scored or kept in their order as the model's
+  ``cold_start_order`` says (:mod:`models.cold_start`); serving's MMR re-ordering of cold lists is not
   reproduced.
 * :class:`BaselineRanker` (:func:`ranker_for`) - a baseline's ``score_items`` over the whole catalog
   ("statistics-lr", "fresh-popularity", "most-popular", "popularity", "mf").
@@ -52,6 +53,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from models.cold_start import order_of, popular_order
 from models.features import ServingStats
 
 
@@ -192,6 +194,7 @@ class ModelRanker:
         self.rescore = int(rescore if rescore is not None else getattr(serving, "rescore", 50))
         if name:
             self.name = name
+        self.cold_start_order: str | None = None  # None: the model's own (models.cold_start.order_of)
         self._vectors: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def _prepare(self, stats: ServingStats, n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,11 +206,7 @@ class ModelRanker:
                                                           stats.item_ids[:n_items].astype(str)):
                 raise ValueError("item vectors and serving statistics disagree on the catalog order")
             vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-            n_pos = stats.item_n_pos[:n_items].astype(np.float64)
-            pop = (n_pos + 1.0) / (stats.item_n[:n_items] + 2.0) * np.log1p(n_pos)
-            seen = stats.item_n[:n_items] > 0
-            pop_order = np.flatnonzero(seen)[np.argsort(-pop[seen], kind="stable")]
-            self._vectors = (id(stats), vecs, pop_order)
+            self._vectors = (id(stats), vecs, popular_order(stats, n_items))
         return self._vectors[1], self._vectors[2]
 
     def top_k(self, stats, user_id, exclude, k, n_items):
@@ -221,6 +220,8 @@ class ModelRanker:
             if len(cand) < self.candidates:
                 extra, _ = top_n(vecs, ctx.vector, self.candidates - len(cand), np.concatenate([exclude, cand]))
                 cand = np.concatenate([cand, extra])
+            if (self.cold_start_order or order_of(self.model)) == "popularity":
+                return cand[:k]  # the list's own order (models.cold_start)
             rows = cand[: self.rescore]
         if len(rows) == 0:
             return rows

@@ -372,7 +372,7 @@ def train_recommender(settings, events: pd.DataFrame, catalog: pd.DataFrame, use
 
 def _config(cfg, encoder: TextEncoder, encoder_path: Path, dm: RecDataModule, final_dm: RecDataModule,
             history: list[dict], best_auc: float | None, epochs_chosen: int, refit: bool, lag,
-            ranker_info: dict | None) -> dict:
+            ranker_info: dict | None, cold_start_order: str = "model") -> dict:
     """The model's config (``models.recommender.model_config``): architecture, vocabularies of the final
     fit, and the data it depends on (``train_end`` = the newest event used, by the fit or by epoch selection)."""
     val = dm.val_events["timestamp"]
@@ -390,7 +390,38 @@ def _config(cfg, encoder: TextEncoder, encoder_path: Path, dm: RecDataModule, fi
         n_query_texts=len(final_dm.query_texts),
         best_val_auc=best_auc, epochs=len(history), epochs_chosen=epochs_chosen, refit_full=refit,
         feature_lag_seconds=float(lag.total_seconds()), seed=cfg.seed, precision=cfg.precision,
-        ranker=ranker_info)
+        ranker=ranker_info, cold_start_order=cold_start_order)
+
+
+def _choose_cold_order(settings, module: RecommenderModule, encoder: TextEncoder, encoder_path: Path,
+                       texts: TextSource, kind: str, dm: RecDataModule, catalog: pd.DataFrame, vecs: np.ndarray,
+                       fitted_ranker: Ranker, ranker_info: dict, history, best_auc, epochs_chosen: int,
+                       lag) -> tuple[str, dict]:
+    """The cold-start order (``models.cold_start``), judged on the validation part with the selection run's
+    model: its towers at the best epoch, its ranker, and collaborative counts of the train part only."""
+    from models.cold_start import choose_cold_start_order
+
+    if next(module.parameters()).device.type != "cpu" or encoder.model.device.type != "cpu":
+        return "model", {"reason": "trained on an accelerator: the choice runs on CPU only; kept 'model'"}
+    if not dm.n_val:
+        return "model", {"reason": "no validation part: kept 'model'"}
+    was_training = module.training
+    module.eval()
+    try:
+        config = _config(settings.training, encoder, encoder_path, dm, dm, history, best_auc, epochs_chosen, False,
+                         lag, ranker_info)
+        selection = Recommender(module.net, encoder, config)
+        if kind == "frozen":
+            selection._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})
+        selection.collab = CollabModel.fit(dm.train_events, _text_lookup(dm.items, vecs), dm.prior, dm.train_wide)
+        selection.ranker = fitted_ranker
+        window = pd.concat([dm.train_events, dm.val_events], ignore_index=True)
+        val = dm.val_events["timestamp"]
+        return choose_cold_start_order(selection, window, catalog, val.min(), val.max(), lag=lag,
+                                       k=int(settings.gates.k), candidates=int(settings.serving.candidates),
+                                       rescore=int(settings.serving.rescore))
+    finally:
+        module.train(was_training)
 
 
 def _refit(cfg, kind: str, events: pd.DataFrame, catalog: pd.DataFrame, engine, dm: RecDataModule,
@@ -487,6 +518,7 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
     selection_epochs = max_epochs or cfg.max_epochs
     timings: dict[str, float] = {}
     final_dm = dm
+    cold_order = "model"
     with tempfile.TemporaryDirectory(prefix="recloop-train-") as tmp:
         root = Path(run_dir) if run_dir else Path(tmp)
         best = BestWeights(root / "best")
@@ -508,6 +540,13 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
             t_rank = time.perf_counter()
             timings["ranker"] = t_rank - t_fit
             peaks.mark("ranker")
+            if fitted_ranker is not None:
+                cold_order, cold_info = _choose_cold_order(settings, module, encoder, encoder_path, texts, kind, dm,
+                                                           catalog, vecs, fitted_ranker, ranker_info, history,
+                                                           best_auc, epochs_chosen, lag)
+                ranker_info["cold_start"] = cold_info
+                timings["cold_start_order"] = time.perf_counter() - t_rank
+                t_rank = time.perf_counter()
             t_fit = t_rank
         if refit:
             module = None  # the selection run's module is not used again (the refit builds its own)
@@ -521,7 +560,7 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
     net = module.net.cpu().eval()
     encoder.model.cpu().eval()
     config = _config(cfg, encoder, encoder_path, dm, final_dm, history, best_auc, epochs_chosen, refit, lag,
-                     ranker_info)
+                     ranker_info, cold_order)
     model = Recommender(net, encoder, config)
     if kind == "frozen":  # reuse the vectors computed for training: no second encoding pass
         model._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})

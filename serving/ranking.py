@@ -6,7 +6,9 @@
    measure this path) below ``serving.ann_min_items`` items, the usearch HNSW graph (``serving/ann.py``,
    recall@100 >= 0.95) above. Items the user already liked are excluded from ``/recommend``. A
    cold-start user (no positive history) gets the most popular items (smoothed like-rate x log
-   positives, from the store) instead, topped up by the model's cold user vector.
+   positives, from the store) instead, topped up by the model's cold user vector; the model's
+   ``cold_start_order`` (chosen at training, :mod:`models.cold_start`) says whether step 3 orders
+   them by the model's probability or keeps the list's order.
    **Search** retrieves by meaning instead: the cosine of the query's encoder vector with the item
    texts' (``ItemIndex.top_by_text``; models without text vectors fall back to the user tower with
    the query), and orders the re-scored candidates by :func:`standard_fusion` of that relevance and
@@ -39,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from models.catalog_eval import order_by_score
+from models.cold_start import order_of
 from serving.index import exploration_pool, mmr
 from serving.lifecycle import Served
 from serving.storeview import StoreData
@@ -220,7 +223,12 @@ def recommend(served: Served, data: StoreData, settings, user_id: str, k: int, r
     cand_scores = scores[: len(cand_rows)]
 
     lam = s.mmr_lambda if s.mmr_lambda is not None else (COLD_MMR_LAMBDA if cold else None)
-    picked = _order(cand_scores, index.vectors[cand_rows], k, lam)
+    relevance = cand_scores
+    if cold and order_of(served.model) == "popularity":  # the list's own order (models.cold_start)
+        pop_of = data.popularity()
+        top = float(pop_of.iloc[0]) if len(pop_of) and float(pop_of.iloc[0]) > 0 else 1.0
+        relevance = np.array([float(pop_of.get(str(index.item_ids[r]), 0.0)) / top for r in cand_rows])
+    picked = _order(relevance, index.vectors[cand_rows], k, lam)
     final = [(int(cand_rows[j]), float(cand_scores[j]), False) for j in picked]
     if explore_row is not None:
         pos = int(rng.integers(min(k, len(final) + 1)))

@@ -89,6 +89,29 @@ def test_fusion_rows_are_out_of_sample_and_the_blend_is_fitted_on_validation(tra
     assert x.shape[1] == len(ranker_mod.FUSION_COLUMNS)
 
 
+def test_the_cold_start_order_is_chosen_on_validation_by_a_model_that_never_saw_it(trained, monkeypatch, tmp_path,
+                                                                                    tiny_encoder, split, world):
+    from models import cold_start
+    from models.train import train_recommender
+
+    assert trained.model.config["cold_start_order"] in cold_start.ORDERS
+    assert trained.ranker["cold_start"]["reason"]
+    calls = []
+
+    def spy(model, events, catalog, start, end, **kw):
+        calls.append((model, events, start, end))
+        return "popularity", {"reason": "spy"}
+
+    monkeypatch.setattr(cold_start, "choose_cold_start_order", spy)
+    train, _ = split
+    out = train_recommender(_settings(tmp_path, tiny_encoder, max_epochs=1), train, world.catalog, None)
+    (model, events, start, end), = calls
+    assert str(end) == model.config["val_end"]
+    assert out.model.config["cold_start_order"] == "popularity"  # the choice reaches the served model
+    assert str(start) == model.config["val_start"] and model.config["fit_end"] < str(start)  # fitted before it
+    assert model.collab is not None and len(events) == len(train)
+
+
 def test_a_fusion_row_never_sees_its_own_label(split, world):
     """Flip the label of rows in chunks 2..4: their own fusion rows (statistics, kNN, counts) do not move."""
     from models.data import RecDataModule

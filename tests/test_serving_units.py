@@ -127,6 +127,34 @@ def test_cold_start_user_gets_popular_and_diverse(holder):
     assert any(it["reason"].startswith("popular in") for it in r.items)
 
 
+class _NicheRecommender(TextHashRecommender):
+    """Scores the least-shown items highest (a like-rate model on self-selected ratings does so for new users)."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        self.config = {"cold_start_order": order}
+
+    def score(self, pairs, history, catalog):
+        shown = history.groupby("item_id").size() if len(history) else pd.Series(dtype=float)
+        return np.array([1.0 / (2.0 + float(shown.get(i, 0))) for i in pairs["item_id"]])
+
+
+@pytest.mark.parametrize("order", ["model", "popularity"])
+def test_cold_start_list_follows_the_models_cold_start_order(world, order):
+    from serving import ranking
+
+    settings, _store, _ = world
+    view = StoreView(settings.store_dir)
+    view.refresh(force=True)
+    h = ModelHolder(InMemoryModelSource(_NicheRecommender(order), "8"), view, settings)
+    assert h.poll_once() is True
+    r = ranking.recommend(h.current, view.data, settings, "nobody", 4, np.random.default_rng(0))
+    first = r.items[0]["item_id"]
+    most_popular = view.data.popularity().index[0]
+    assert r.cold_start
+    assert (first == most_popular) == (order == "popularity")  # re-scored: the niche model's pick leads
+
+
 def test_exploration_slot_is_marked(holder):
     from serving import ranking
 
