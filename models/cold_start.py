@@ -11,8 +11,9 @@ The model answers "is this item liked once the user has it". On self-selected fe
 user's next likes are mostly among the most-had items, and re-ordering the popular list by like-rate
 moves well-liked but less-had items up (MovieLens-100k: NDCG@10 for new users 0.14-0.23 re-scored, 0.30
 in the list's order). Where feedback follows what was shown, re-scoring can win. So the training run
-decides, leak-free, with the selection run's model (fitted on the train part only): over the users of the
-validation part who have no positive before it, the catalog NDCG@``k`` (``models.catalog_eval``, as
+decides with the selection run's model (towers, ranker and collaborative counts fitted on the train part;
+the validation part chose only its epoch count and its 3 blend weights, which if anything favours
+re-scoring): over the users of the validation part who have no positive before it, the catalog NDCG@``k`` (``models.catalog_eval``, as
 served) of both orders; ``"popularity"`` only when it is higher on at least ``MIN_USERS`` such users.
 The cold-start list's long-tail share is the same either way (its candidates are the most popular items).
 """
