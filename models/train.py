@@ -403,8 +403,6 @@ def _choose_cold_order(settings, module: RecommenderModule, encoder: TextEncoder
 
     if next(module.parameters()).device.type != "cpu" or encoder.model.device.type != "cpu":
         return "model", {"reason": "trained on an accelerator: the choice runs on CPU only; kept 'model'"}
-    if not dm.n_val:
-        return "model", {"reason": "no validation part: kept 'model'"}
     was_training = module.training
     module.eval()
     try:
