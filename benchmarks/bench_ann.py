@@ -186,7 +186,9 @@ def run_served(workdir: Path, n_queries: int, efs: list[int], k: int = 100) -> d
     version = source.current_version()
     model, _ = source.load(version)
     store = FeedbackStore.from_settings(settings)
-    data = StoreView(store).data
+    view = StoreView(store)
+    view.refresh()  # the store's events in the view's statistics, as a server's first refresh
+    data = view.data
     catalog = data.catalog.reset_index()
     t0 = time.perf_counter()
     index = ItemIndex.build(model, catalog)
@@ -209,11 +211,49 @@ def run_served(workdir: Path, n_queries: int, efs: list[int], k: int = 100) -> d
         recall[str(ef)] = round(hits / (k * len(queries)), 4)
     sims = np.sort(queries[:100] @ index.vectors.T, axis=1)[:, ::-1]
     profile = {str(r): round(float(sims[:, r - 1].mean()), 3) for r in (1, 50, 100, 150, 300)}
+    quality = served_top_k(model, settings, data.stats, index, served, users.tolist(), efs)
     return {"bench": "ann-served", "items": len(index), "dim": index.dim, "queries": len(queries),
             "graph": how, "graph_seconds": round(ann_s, 1), "item_vectors_seconds": round(vectors_s, 1),
             "params": params.graph_fields(), "ef_search": params.ef_search,
-            "recall_at_100": recall, "neighbour_cosine_profile": profile,
+            "recall_at_100": recall, "neighbour_cosine_profile": profile, "served_top_k": quality,
             "load_average": round(os.getloadavg()[0], 2)}
+
+
+def served_top_k(model, settings, stats, exact, served, users: list[str], efs: list[int], k: int = 10) -> dict:
+    """What the graph's recall costs in what ``/recommend`` answers: per user with liked items (serving's
+    path for them: retrieve ``serving.candidates`` by the user vector, liked items excluded, re-score the best
+    ``serving.rescore`` with the full model, top ``k`` by its probability), the list built from exact
+    retrieval against the one built from the graph's, at each ``ef``: the share of the exact list the graph
+    list holds (overlap@k), and the model's mean probability over each list (what the model itself thinks
+    was lost). No MMR or exploration (off by default for users with history)."""
+    s = settings.serving
+    rows = {"exact": [], **{str(ef): [] for ef in efs}}
+    probs = {name: [] for name in rows}
+    n = 0
+    for u in users:
+        ctx = model.user_context(stats, u)
+        liked = exact.rows_of(stats.item_ids[ctx.stats.positives].tolist()) if len(ctx.stats.positives) else None
+        if liked is None or not len(liked):
+            continue  # cold users get the popular list: no retrieval by the user vector
+        n += 1
+        for name in rows:
+            if name == "exact":
+                cand, _ = exact.top_n(ctx.vector, s.candidates, liked)
+            else:
+                cand, _ = served.ann.search(exact.vectors, ctx.vector, s.candidates, liked, ef=int(name))
+            cand = cand[: s.rescore]
+            p = np.asarray(model.score_items(stats, ctx, [str(exact.item_ids[r]) for r in cand]), dtype=np.float64)
+            top = np.argsort(-p, kind="stable")[:k]
+            rows[name].append(set(cand[top].tolist()))
+            probs[name].append(float(p[top].mean()))
+    out = {"users": n, "k": k, "candidates": s.candidates, "rescore": s.rescore,
+           "mean_probability_exact": round(float(np.mean(probs["exact"])), 4) if n else None}
+    for ef in efs:
+        name = str(ef)
+        out[f"ef{ef}"] = {"overlap_at_k": round(float(np.mean([len(a & b) / k for a, b in zip(rows["exact"], rows[name])])), 4)
+                          if n else None,
+                          "mean_probability": round(float(np.mean(probs[name])), 4) if n else None}
+    return out
 
 
 def main(argv=None) -> None:

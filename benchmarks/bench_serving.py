@@ -129,7 +129,7 @@ def _synthesise_text_vectors(model, texts, templates, seed: int = 8) -> int:
         base = np.stack([cache[tp] for _, tp in chunk]).astype(np.float32)
         scale = 0.3 * np.linalg.norm(base, axis=1, keepdims=True) / np.sqrt(base.shape[1])
         vecs = (base + scale * rng.standard_normal(base.shape, dtype=np.float32)).astype(np.float32)
-        cache.update(zip((t for t, _ in chunk), vecs))
+        model.remember_texts([t for t, _ in chunk], vecs)
     return len(todo)
 
 

@@ -65,6 +65,10 @@ from models.ranker import Ranker, ranker_matrix
 FORMAT_VERSION = 1
 HISTORY_COLUMNS = ("user_id", "item_id", "label", "timestamp")
 QUERY_CACHE_SIZE = 4096  # query texts (not seen in training) kept in the LRU of encoder vectors
+# The item-text cache holds every catalog text's encoder vector for the model's life: float16 halves it
+# (1M texts x 384: 768 MB, not 1.5 GB) and its saved file; read back as float32 (the towers' input moves by
+# ~1e-3 relative, the same rounding the ANN graph already applies; benchmarks/RESULTS.md)
+TEXT_CACHE_DTYPE = np.float16
 
 
 class _LRU:
@@ -131,7 +135,8 @@ class Recommender:
         self.config = dict(config)
         self.user_vocab = {u: i + 1 for i, u in enumerate(self.config["user_vocab"])}
         self.item_vocab = {x: i + 1 for i, x in enumerate(self.config["item_vocab"])}
-        self._text_cache: dict[str, np.ndarray] = {}  # item (and training query) texts: bounded by the catalog
+        self._text_cache: dict[str, np.ndarray] = {}  # item (and training query) texts: bounded by the catalog;
+        # values TEXT_CACHE_DTYPE (remember_texts)
         self._query_cache = _LRU(QUERY_CACHE_SIZE)  # other query texts seen while serving
         self._cache_lock = threading.Lock()
         self._tower_cache: tuple[int, ItemIndex, torch.Tensor] | None = None
@@ -182,7 +187,7 @@ class Recommender:
         if (d / "text_vectors.safetensors").is_file():
             texts = json.loads((d / "text_index.json").read_text(encoding="utf-8"))["texts"]
             vecs = load_file(str(d / "text_vectors.safetensors"))["vectors"].numpy()
-            model._text_cache = {t: vecs[i] for i, t in enumerate(texts)}
+            model.remember_texts(texts, vecs)  # models saved before float16 are rounded on load
         return model
 
     # ------------------------------------------------------------------ description
@@ -209,6 +214,15 @@ class Recommender:
         }
 
     # ------------------------------------------------------------------ text vectors
+    def remember_texts(self, texts, vectors) -> None:
+        """Keep the encoder ``vectors`` [n, dim] of item (or training query) ``texts`` for the model's life
+        (saved with it), stored as ``TEXT_CACHE_DTYPE``."""
+        vecs = np.asarray(vectors).astype(TEXT_CACHE_DTYPE, copy=False)
+        if len(vecs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(vecs)} vectors")
+        with self._cache_lock:
+            self._text_cache.update(zip(texts, vecs))
+
     def text_vectors(self, texts: list[str], queries: bool = False) -> torch.Tensor:
         """Encoder vectors of ``texts``; each distinct text is encoded once and cached.
 
@@ -216,7 +230,7 @@ class Recommender:
         with it; with ``queries=True`` texts not already cached go to a bounded LRU
         (``QUERY_CACHE_SIZE``) instead, so arbitrary search queries cannot grow memory.
         """
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, np.ndarray] = {}  # float16 (item cache) or float32 (queries)
         missing: list[str] = []
         for t in dict.fromkeys(texts):
             v = self._text_cache.get(t)
@@ -230,6 +244,8 @@ class Recommender:
             missing.sort()
             vecs = self._encode_query(missing[0]) if queries and len(missing) == 1 else \
                 self.encoder.encode(missing).numpy()
+            if not queries:  # rounded as the cache keeps them: the same vector now as on every later call
+                vecs = vecs.astype(TEXT_CACHE_DTYPE)
             with self._cache_lock:
                 for t, v in zip(missing, vecs):
                     found[t] = v
@@ -239,7 +255,7 @@ class Recommender:
                         self._text_cache[t] = v
         if not texts:
             return torch.zeros((0, self.encoder.dim))
-        return torch.as_tensor(np.stack([found[t] for t in texts]))
+        return torch.as_tensor(np.stack([found[t] for t in texts]).astype(np.float32, copy=False))
 
     def _encode_query(self, text: str) -> np.ndarray:
         """One short text: one unpadded sequence, no autograd bookkeeping. [1, dim]"""

@@ -410,7 +410,7 @@ def _choose_cold_order(settings, module: RecommenderModule, encoder: TextEncoder
                          lag, ranker_info)
         selection = Recommender(module.net, encoder, config)
         if kind == "frozen":
-            selection._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})
+            selection.remember_texts(dm.items.texts, texts.item_vecs.cpu().numpy())
         selection.collab = CollabModel.fit(dm.train_events, _text_lookup(dm.items, vecs), dm.prior, dm.train_wide)
         selection.ranker = fitted_ranker
         window = pd.concat([dm.train_events, dm.val_events], ignore_index=True)
@@ -561,9 +561,9 @@ def _train(settings, events: pd.DataFrame, catalog: pd.DataFrame, engine, *, fas
                      ranker_info, cold_order)
     model = Recommender(net, encoder, config)
     if kind == "frozen":  # reuse the vectors computed for training: no second encoding pass
-        model._text_cache.update({t: v for t, v in zip(dm.items.texts, texts.item_vecs.cpu().numpy())})
+        model.remember_texts(dm.items.texts, texts.item_vecs.cpu().numpy())
         if dm.query_texts:
-            model._text_cache.update({t: v for t, v in zip(dm.query_texts, texts.query_vecs.cpu().numpy())})
+            model.remember_texts(dm.query_texts, texts.query_vecs.cpu().numpy())
     if fitted_ranker is not None:
         t_c = time.perf_counter()
         model.collab, model.ranker = _final_second_stage(model, fitted_ranker, ranker_info, dm, final_dm, catalog,

@@ -197,6 +197,38 @@ def test_query_vectors_go_to_a_bounded_lru_item_texts_stay(model, monkeypatch):
     model._text_cache.pop("an item text never seen")
 
 
+def test_item_text_cache_is_float16_and_survives_save_and_load(model, world, tmp_path):
+    """The item-text cache keeps half-size vectors (what 1M catalog texts cost in memory and on disk), hands
+    the towers float32, a text encoded now is the vector every later call gets, and a save + load round trip
+    (also of a model saved before, with float32 vectors) leaves every score unchanged."""
+    from safetensors.numpy import load_file, save_file
+
+    from models.recommender import TEXT_CACHE_DTYPE, Recommender
+
+    assert TEXT_CACHE_DTYPE == np.float16
+    assert {v.dtype for v in model._text_cache.values()} == {np.dtype(np.float16)}
+    t = "a text for the cache test"
+    first = model.text_vectors([t])
+    assert first.dtype == torch.float32 and model._text_cache[t].dtype == np.float16
+    np.testing.assert_allclose(first.numpy()[0], model.encoder.encode([t])[0].numpy(), rtol=2e-3, atol=1e-4)
+    np.testing.assert_array_equal(model.text_vectors([t]).numpy(), first.numpy())  # the rounded vector, every time
+    model._text_cache.pop(t)
+    pairs = pd.DataFrame({"user_id": world.events["user_id"].astype(str).iloc[:40].to_numpy(),
+                          "item_id": world.events["item_id"].astype(str).iloc[:40].to_numpy()})
+    history = world.events[["user_id", "item_id", "label", "timestamp"]]
+    want = model.score(pairs, history, world.catalog)
+    model.save(tmp_path / "m")
+    saved = load_file(str(tmp_path / "m" / "text_vectors.safetensors"))["vectors"]
+    assert saved.dtype == np.float16 and len(saved) == len(model._text_cache)
+    np.testing.assert_array_equal(Recommender.load(tmp_path / "m").score(pairs, history, world.catalog), want)
+    save_file({"vectors": saved.astype(np.float32)}, str(tmp_path / "m" / "text_vectors.safetensors"))  # older model
+    old = Recommender.load(tmp_path / "m")
+    assert {v.dtype for v in old._text_cache.values()} == {np.dtype(np.float16)}
+    np.testing.assert_array_equal(old.score(pairs, history, world.catalog), want)
+    with pytest.raises(ValueError, match="3 texts but 2 vectors"):
+        old.remember_texts(["a", "b", "c"], np.zeros((2, 4)))
+
+
 def test_lru_is_thread_safe():
     lru = _LRU(50)
 
