@@ -4,6 +4,11 @@
     .venv/bin/python benchmarks/bench_ann.py --quick         # 50,000 items: checks the code path works
     .venv/bin/python benchmarks/bench_ann.py --served /tmp/recloop-bench-serving-1m   # a served model's vectors
 
+``--served``: recall@100 of the saved towers graph on that model's own user vectors, and what ``/recommend``
+would answer (``served_top_k``): per user, the top-10 after re-scoring from exact retrieval, from the graph at
+each ``--ef`` and from the inverted file (``serving/ivf.py``) at 32 / ``serving.ivf_probes`` / 128 probes -
+overlap with the exact top-10, the model's mean probability over it, retrieval time.
+
 What it measures, on ``--items`` unit vectors at the model's item-vector dimension
 (``training.embed_dim``, 128) through the code serving uses (``serving.index.ItemIndex.with_ann`` /
 ``ItemIndex.top_n``, usearch HNSW, :class:`serving.ann.AnnParams` defaults unless overridden):
@@ -32,6 +37,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +184,7 @@ def run_served(workdir: Path, n_queries: int, efs: list[int], k: int = 100) -> d
     from recloop.store import FeedbackStore
     from serving.ann import AnnParams
     from serving.index import ItemIndex
+    from serving.ivf import IvfIndex, IvfParams
     from serving.lifecycle import LocalDirModelSource
     from serving.storeview import StoreView
 
@@ -211,7 +218,20 @@ def run_served(workdir: Path, n_queries: int, efs: list[int], k: int = 100) -> d
         recall[str(ef)] = round(hits / (k * len(queries)), 4)
     sims = np.sort(queries[:100] @ index.vectors.T, axis=1)[:, ::-1]
     profile = {str(r): round(float(sims[:, r - 1].mean()), 3) for r in (1, 50, 100, 150, 300)}
-    quality = served_top_k(model, settings, data.stats, index, served, users.tolist(), efs)
+    retrievers = {f"graph ef {ef}": (lambda q, m, excl, ef=ef: served.ann.search(index.vectors, q, m, excl, ef=ef))
+                  for ef in efs}
+    ivf_params = IvfParams.from_settings(settings)
+    t0 = time.perf_counter()
+    ivf = IvfIndex.build(index.vectors, ivf_params)
+    ivf_s = time.perf_counter() - t0
+    for probes in sorted({32, ivf_params.probes, 128}):
+        retrievers[f"ivf probes {probes}"] = lambda q, m, excl, p=probes: ivf.search(q, m, excl, probes=p)
+    for rank_by in ("bound", "centroid"):  # which lists to probe: each ranking alone (serving/ivf.py)
+        alone = replace(ivf, params=replace(ivf_params, rank_by=rank_by))
+        retrievers[f"ivf probes {ivf_params.probes} {rank_by} only"] = \
+            lambda q, m, excl, ix=alone: ix.search(q, m, excl)
+    quality = served_top_k(model, settings, data.stats, index, retrievers, users.tolist())
+    quality["ivf"] = {"lists": ivf.n_lists, "build_seconds": round(ivf_s, 1), "memory_bytes": ivf.memory_bytes}
     return {"bench": "ann-served", "items": len(index), "dim": index.dim, "queries": len(queries),
             "graph": how, "graph_seconds": round(ann_s, 1), "item_vectors_seconds": round(vectors_s, 1),
             "params": params.graph_fields(), "ef_search": params.ef_search,
@@ -219,16 +239,19 @@ def run_served(workdir: Path, n_queries: int, efs: list[int], k: int = 100) -> d
             "load_average": round(os.getloadavg()[0], 2)}
 
 
-def served_top_k(model, settings, stats, exact, served, users: list[str], efs: list[int], k: int = 10) -> dict:
-    """What the graph's recall costs in what ``/recommend`` answers: per user with liked items (serving's
+def served_top_k(model, settings, stats, exact, retrievers: dict, users: list[str], k: int = 10) -> dict:
+    """What approximate retrieval costs in what ``/recommend`` answers: per user with liked items (serving's
     path for them: retrieve ``serving.candidates`` by the user vector, liked items excluded, re-score the best
     ``serving.rescore`` with the full model, top ``k`` by its probability), the list built from exact
-    retrieval against the one built from the graph's, at each ``ef``: the share of the exact list the graph
-    list holds (overlap@k), and the model's mean probability over each list (what the model itself thinks
-    was lost). No MMR or exploration (off by default for users with history)."""
+    retrieval against the one built from each of ``retrievers`` (name -> ``f(query, n, exclude) -> (rows,
+    sims)``): the share of the exact list it holds (overlap@k), and the model's mean probability over each list
+    (what the model itself thinks was lost), plus the median / p99 retrieval time. No MMR or exploration (off by
+    default for users with history)."""
     s = settings.serving
-    rows = {"exact": [], **{str(ef): [] for ef in efs}}
-    probs = {name: [] for name in rows}
+    names = ["exact", *retrievers]
+    tops = {name: [] for name in names}
+    probs = {name: [] for name in names}
+    secs = {name: [] for name in names}
     n = 0
     for u in users:
         ctx = model.user_context(stats, u)
@@ -236,23 +259,23 @@ def served_top_k(model, settings, stats, exact, served, users: list[str], efs: l
         if liked is None or not len(liked):
             continue  # cold users get the popular list: no retrieval by the user vector
         n += 1
-        for name in rows:
-            if name == "exact":
-                cand, _ = exact.top_n(ctx.vector, s.candidates, liked)
-            else:
-                cand, _ = served.ann.search(exact.vectors, ctx.vector, s.candidates, liked, ef=int(name))
+        for name in names:
+            fn = exact.top_n if name == "exact" else retrievers[name]
+            t0 = time.perf_counter()
+            cand, _ = fn(ctx.vector, s.candidates, liked)
+            secs[name].append(time.perf_counter() - t0)
             cand = cand[: s.rescore]
             p = np.asarray(model.score_items(stats, ctx, [str(exact.item_ids[r]) for r in cand]), dtype=np.float64)
             top = np.argsort(-p, kind="stable")[:k]
-            rows[name].append(set(cand[top].tolist()))
+            tops[name].append(set(cand[top].tolist()))
             probs[name].append(float(p[top].mean()))
-    out = {"users": n, "k": k, "candidates": s.candidates, "rescore": s.rescore,
-           "mean_probability_exact": round(float(np.mean(probs["exact"])), 4) if n else None}
-    for ef in efs:
-        name = str(ef)
-        out[f"ef{ef}"] = {"overlap_at_k": round(float(np.mean([len(a & b) / k for a, b in zip(rows["exact"], rows[name])])), 4)
-                          if n else None,
-                          "mean_probability": round(float(np.mean(probs[name])), 4) if n else None}
+    out = {"users": n, "k": k, "candidates": s.candidates, "rescore": s.rescore}
+    for name in names:
+        out[name] = {"overlap_at_k": round(float(np.mean([len(a & b) / k for a, b in zip(tops["exact"], tops[name])])), 4)
+                     if n else None,
+                     "mean_probability": round(float(np.mean(probs[name])), 4) if n else None,
+                     "retrieve_ms_p50": round(1000 * float(np.median(secs[name])), 2) if n else None,
+                     "retrieve_ms_p99": round(1000 * float(np.percentile(secs[name], 99)), 2) if n else None}
     return out
 
 

@@ -187,9 +187,13 @@ class ServingSettings(BaseModel):
     feedback_rate_per_client_per_minute: int = 1_200  # per remote address, besides the per-user limit
     feedback_rate_global_per_minute: int = 12_000  # the whole server
     insecure: bool = False  # serve on a non-loopback host without a token (refused unless set)
-    # retrieval over catalogs this size or larger goes through a usearch HNSW graph (serving/ann.py),
-    # built or loaded when a model is loaded and updated incrementally on store refresh
+    # retrieval over catalogs this size or larger is approximate: by the user vector through an inverted file
+    # (serving/ivf.py) or a usearch HNSW graph over the item vectors (serving/ann.py; "graph"); search by text
+    # always through its own HNSW graph. Built or loaded when a model is loaded, updated on store refresh
     ann_min_items: int = 50_000
+    ann_user_index: Literal["ivf", "graph"] = "ivf"  # the graph misses the user vectors' neighbours (bench_ann)
+    ivf_lists: int = 0  # 0: 2 x sqrt(items)
+    ivf_probes: int = 64  # lists scanned per request: recall vs latency (bench_ann --served)
     ann_ef_search: int = 256  # search breadth: recall vs latency (bench_ann: recall@100 0.98 at 50k)
     ann_connectivity: int = 16  # graph degree
     ann_expansion_add: int = 128  # build breadth

@@ -3,9 +3,10 @@
 :class:`ItemIndex` holds one L2-normalised vector per catalog item (the model's item
 tower, ``Recommender.item_vectors``). Below ``serving.ann_min_items`` items retrieval
 is exact: one matrix-vector product and a top-k (100k x 128 float32 is ~50 MB and a few ms on one
-core). From that size on, :meth:`ItemIndex.with_ann` attaches a usearch HNSW graph
-(:mod:`serving.ann`; built when serving loads a model, saved next to its local files and loaded
-instead of rebuilt next time) and :meth:`ItemIndex.top_n` answers through it. The index is rebuilt incrementally when the catalog
+core). From that size on, :meth:`ItemIndex.with_ann` attaches an inverted file (:mod:`serving.ivf`, the
+default: built in seconds when serving loads a model) or a usearch HNSW graph (:mod:`serving.ann`; saved next
+to the model's local files and loaded instead of rebuilt next time) and :meth:`ItemIndex.top_n` answers through
+it; search's text vectors always get their own HNSW graph. The index is rebuilt incrementally when the catalog
 changes: items whose text did not change keep their vectors, new or edited items are
 encoded — so a new catalog item is retrievable as soon as the store shows it.
 (The ``Recommender`` caches the encoder's text vectors itself and saves them with the
@@ -26,6 +27,7 @@ import pandas as pd
 from models.cf import unit_rows
 from recloop.schema import item_text
 from serving.ann import AnnIndex, AnnParams, index_key, item_keys, model_prefix
+from serving.ivf import IvfIndex, IvfParams
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,9 @@ class ItemIndex:
     row: dict = field(repr=False)  # item_id -> row
     build_seconds: float = 0.0
     n_encoded: int = 0  # how many vectors the last build had to compute
-    ann: AnnIndex | None = field(default=None, repr=False)  # None: exact retrieval
+    ann: AnnIndex | None = field(default=None, repr=False)  # None: exact retrieval (or ivf)
+    # the inverted file over ``vectors`` (serving.ann_user_index = "ivf", the default): user-vector retrieval
+    ivf: IvfIndex | None = field(default=None, repr=False)
     # [n, text_dim] float32, L2-normalised encoder vectors of the item texts (search relevance,
     # ``Recommender.item_text_vectors``); None for models without them, and once a graph holds them (text_ann)
     text_vectors: np.ndarray | None = field(default=None, repr=False)
@@ -91,9 +95,12 @@ class ItemIndex:
         ``exclude`` are never returned.
 
         Exact (``models.catalog_eval.top_n``, the retrieval the offline catalog evaluation measures)
-        unless an ANN graph is attached (:meth:`with_ann`): then approximate in *which* rows come back
-        (recall@100 >= 0.95 at the default ``serving.ann_ef_search``, benchmarks/bench_ann.py), exact in
-        their similarities and order."""
+        unless :meth:`with_ann` attached an inverted file (:mod:`serving.ivf`, the default at scale) or an
+        HNSW graph: then approximate in *which* rows come back, exact in their similarities and order. The
+        graph reaches recall@100 >= 0.95 only for queries among the items (benchmarks/bench_ann.py); the user
+        tower's vectors lie outside them, which is why user retrieval goes through the inverted file."""
+        if self.ivf is not None:
+            return self.ivf.search(query, n, exclude)
         if self.ann is not None:
             return self.ann.search(self.vectors, query, n, exclude)
         from models.catalog_eval import top_n
@@ -109,8 +116,12 @@ class ItemIndex:
 
     # ---- the ANN graph ----------------------------------------------------------------------
     def with_ann(self, params: AnnParams, directory: Path | None = None, model_stamp: str | None = None,
-                 previous: ItemIndex | None = None) -> ItemIndex:
+                 previous: ItemIndex | None = None, ivf: IvfParams | None = None) -> ItemIndex:
         """This index with an HNSW graph attached when it has at least ``params.min_items`` items.
+
+        ``ivf``: retrieve by the user vector through an inverted file (:mod:`serving.ivf`) instead of a graph
+        over the item-tower vectors: no towers graph is built; ``previous.ivf``'s lists are kept (items
+        re-assigned) when ``previous`` is given. Search's text graph is unaffected.
 
         Where the graph comes from, cheapest first: ``previous.ann`` updated incrementally (same
         model, catalog changed while serving); the save in ``directory`` for exactly this model +
@@ -121,12 +132,19 @@ class ItemIndex:
         them (``text_ann``) comes the same way, filed under the model's stamp + ``|texts``.
         """
         if len(self) < max(int(params.min_items), 1) or self.dim == 0:
-            return replace(self._dense(), ann=None, text_ann=None)
+            return replace(self._dense(), ann=None, text_ann=None, ivf=None)
+        inverted = None
+        if ivf is not None:
+            prev = previous.ivf if previous is not None else None
+            inverted = IvfIndex.build(self.vectors, ivf, None if prev is None else prev.centroids)
+            log.info("inverted file (towers) %s: %d items in %d lists, %.1fs", inverted.how, len(inverted),
+                     inverted.n_lists, inverted.build_seconds)
         keys = item_keys(self.item_ids)
         if len(np.unique(keys)) != len(keys):  # a 64-bit collision among item ids: never seen, but stay exact
             log.warning("item id hashes collide: ANN retrieval disabled for this catalog")
-            return replace(self._dense(), ann=None, text_ann=None)
-        graphs = [("towers", self.vectors, model_stamp, previous.ann if previous is not None else None)]
+            return replace(self._dense(), ann=None, text_ann=None, ivf=inverted)
+        graphs = [] if inverted is not None else \
+            [("towers", self.vectors, model_stamp, previous.ann if previous is not None else None)]
         if self.text_vectors is not None:  # search's own graph (another space); saved under another stamp
             graphs.append(("texts", self.text_vectors, None if model_stamp is None else f"{model_stamp}|texts",
                            previous.text_ann if previous is not None else None))
@@ -135,15 +153,17 @@ class ItemIndex:
             ann = _graph(vectors, keys, self.hashes, params, directory, stamp, prev, previous is not None,
                          keep=2 * len(graphs))
             if ann is None:  # usearch not installed: exact retrieval, loudly
-                return replace(self._dense(), ann=None, text_ann=None)
+                return replace(self._dense(), ann=None, text_ann=None, ivf=inverted)
             log.info("ANN index (%s) %s: %d items in %.1fs (+%d -%d)", what, ann.how, len(ann), ann.build_seconds,
                      ann.n_added, ann.n_removed)
-            built.append(ann.bind(keys))
-        if len(built) == 1:
-            return replace(self, ann=built[0], text_ann=None)
+            built.append((what, ann.bind(keys)))
+        towers = next((a for w, a in built if w == "towers"), None)
+        texts = next((a for w, a in built if w == "texts"), None)
+        if texts is None:
+            return replace(self._dense(), ann=towers, text_ann=None, ivf=inverted)
         # behind a graph the text vectors only score its hits and seed a refresh: the graph's own float16 copy
         # serves both (its distances; AnnIndex.stored), so the index keeps none (768 MB less at 1M x 384 dims)
-        return replace(self, ann=built[0], text_ann=built[1], text_vectors=None)
+        return replace(self, ann=towers, text_ann=texts, text_vectors=None, ivf=inverted)
 
     def _dense(self) -> ItemIndex:
         """This index with its text vectors as one array (a deferred refresh left some in the old graph)."""

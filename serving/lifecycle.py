@@ -37,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from serving.ann import AnnParams
 from serving.index import ItemIndex
+from serving.ivf import IvfParams
 from serving.storeview import StoreView
 
 log = logging.getLogger(__name__)
@@ -237,6 +238,13 @@ class RegistryModelSource:
         return out
 
 
+def _ivf_params(settings) -> IvfParams | None:
+    """The inverted file's parameters when user retrieval goes through one (``serving.ann_user_index``)."""
+    if getattr(settings.serving, "ann_user_index", "ivf") != "ivf":
+        return None
+    return IvfParams.from_settings(settings)
+
+
 def _retrieval_info(index: ItemIndex) -> dict:
     """How the served index retrieves (``GET /model`` details)."""
     ann = index.ann
@@ -245,7 +253,11 @@ def _retrieval_info(index: ItemIndex) -> dict:
     if index.text_ann is not None:
         search.update(graph=index.text_ann.how, graph_seconds=round(index.text_ann.build_seconds, 3),
                       memory_bytes=int(getattr(index.text_ann.graph, "memory_usage", 0) or 0))
-    if ann is None:
+    if index.ivf is not None:
+        ivf = index.ivf
+        out = {"kind": "ivf", "items": len(index), "lists": ivf.n_lists, "probes": ivf.params.probes,
+               "how": ivf.how, "build_seconds": round(ivf.build_seconds, 3), "memory_bytes": ivf.memory_bytes}
+    elif ann is None:
         out = {"kind": "exact", "items": len(index)}
     else:
         out = {"kind": "ann", "library": "usearch", "items": len(index), "graph": ann.how,
@@ -382,7 +394,7 @@ class ModelHolder:
                 log.warning("no ANN index folder for version %s: %s", version, exc)
         config = getattr(model, "config", None)
         stamp = f"{version}@{config.get('saved_at')}" if isinstance(config, dict) else str(version)
-        return index.with_ann(params, directory=directory, model_stamp=stamp)
+        return index.with_ann(params, directory=directory, model_stamp=stamp, ivf=_ivf_params(self.settings))
 
     def _fall_back(self, failed: str, error: str) -> bool:
         """Nothing served and the champion broken: serve the newest fallback version that loads."""
@@ -422,7 +434,8 @@ class ModelHolder:
                 with cur.model_lock:
                     index = ItemIndex.build(cur.model, data.catalog.reset_index(), previous=cur.index,
                                             defer_text_reads=True)  # with_ann reads what it needs
-                index = index.with_ann(AnnParams.from_settings(self.settings), previous=cur.index)
+                index = index.with_ann(AnnParams.from_settings(self.settings), previous=cur.index,
+                                       ivf=_ivf_params(self.settings))
             except Exception as exc:
                 self.last_error = f"re-indexing the catalog failed: {type(exc).__name__}: {exc}"
                 log.exception("re-indexing failed")

@@ -3,8 +3,8 @@
 1. **Retrieve** ``serving.candidates`` items: cosine of the user vector (the user tower from the
    user's history) against every item vector through ``ItemIndex.top_n``: exact
    (``models.catalog_eval.top_n``, the retrieval the offline catalog evaluation runs, so its metrics
-   measure this path) below ``serving.ann_min_items`` items, the usearch HNSW graph (``serving/ann.py``,
-   recall@100 >= 0.95) above. Items the user already liked are excluded from ``/recommend``. A
+   measure this path) below ``serving.ann_min_items`` items, an inverted file over the item vectors above
+   (``serving/ivf.py``; or a usearch HNSW graph, ``serving.ann_user_index = "graph"``). Items the user already liked are excluded from ``/recommend``. A
    cold-start user (no positive history) gets the most popular items (smoothed like-rate x log
    positives, from the store) instead, topped up by the model's cold user vector; the model's
    ``cold_start_order`` (chosen at training, :mod:`models.cold_start`) says whether step 3 orders

@@ -210,13 +210,16 @@ def _catalog(vectors: np.ndarray, ids) -> pd.DataFrame:
         .set_index("item_id")
 
 
-def _holder(source, catalog, min_items=1_000):
+def _holder(source, catalog, min_items=1_000, user_index="graph"):
+    """A ModelHolder over a fixed catalog; ``user_index="graph"``: the towers graph these tests check
+    (serving's default is the inverted file, tests/test_ivf_index.py)."""
     from serving.lifecycle import ModelHolder
 
     view = SimpleNamespace(data=SimpleNamespace(catalog=catalog, catalog_sig=1), refresh=lambda: True)
     settings = SimpleNamespace(serving=SimpleNamespace(ann_min_items=min_items, ann_connectivity=16,
                                                        ann_expansion_add=64, ann_ef_search=128,
-                                                       ann_build_threads=1, poll_seconds=1.0))
+                                                       ann_build_threads=1, poll_seconds=1.0,
+                                                       ann_user_index=user_index, ivf_lists=0, ivf_probes=64))
     return ModelHolder(source, view, settings)
 
 
