@@ -161,6 +161,8 @@ class IvfIndex:
         lists = self._lists(q, p)
         spans = [(int(self.starts[j]), int(self.starts[j + 1])) for j in lists]
         spans = [(a, b) for a, b in spans if b > a]  # one slice and one product per list: no gathered copy
+        if not spans:  # only empty lists chosen (possible after a refresh re-assigned the items)
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
         sims = np.concatenate([self.stored[a:b] @ q for a, b in spans])
         rows = np.concatenate([self.order[a:b] for a, b in spans])
         if exclude is not None and len(exclude):

@@ -130,6 +130,13 @@ def test_built_deterministically_and_sized_by_default(data):
     assert IvfIndex.build(data.vectors[:5], IvfParams(lists=64)).n_lists == 5  # never more lists than items
     with pytest.raises(ValueError, match="non-empty"):
         IvfIndex.build(np.zeros((0, DIM), dtype=np.float32))
+    # lists kept by a refresh can end up empty: probing only those answers nothing, without an error
+    far = _unit(-a.centroids[:1])
+    lonely = IvfIndex.build(data.vectors[:50], IvfParams(probes=1), centroids=np.concatenate([far, a.centroids[:3]]))
+    assert lonely.how == "reassigned" and np.diff(lonely.starts)[0] == 0
+    rows, sims = lonely.search(far[0], 5)  # the empty list's centroid is the query itself: it is the one probed
+    assert len(rows) == 0 and len(sims) == 0
+    assert len(lonely.search(far[0], 5, probes=4)[0]) == 5  # probing the others finds items
 
 
 def test_a_refresh_keeps_the_lists_and_finds_new_items_at_once(data):
