@@ -307,7 +307,7 @@ class MostPopularBaseline(FreshPopularityBaseline):
 
     name = "most-popular"
 
-    def __init__(self, lag=None):
+    def __init__(self, lag=None):  # FreshPopularity's catalog_score does not apply: it ranks by count
         super().__init__(lag)
 
     def score(self, rows: pd.DataFrame, history: pd.DataFrame | None = None,
